@@ -1,0 +1,399 @@
+"""The MaMe operator: matrix-based token merging (Huo & Li, "MaMe: Matrix-Based Token Merging", section 3).
+
+Everything here is a function of tensors. `merge` partitions the tokens (eq 1), builds the fusion weights (eqs 2-8),
+fuses destinations and keeps preserved sources (eqs 9-10), and returns the merged tokens with a `FusionPlan` that can
+apply the same merge to any aligned tensor, undo it for dense outputs, and tell which output token holds each input
+token. No sort, no top-k: the only discrete step is the preservation test "column of W^F sums to zero", which the
+paper defines as an indicator, so gradients flow through every weight that is used.
+
+Shapes: ``x`` is (B, L, d); specials are the first ``num_special`` tokens (CLS, registers) and never merge.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+PartitionName = Literal["alternating", "sequential", "random"]
+BatchRule = Literal["any", "per_sample"]
+CausalMode = Literal["paper", "strict"]
+
+PARTITIONS = ("alternating", "sequential", "random")
+BATCH_RULES = ("any", "per_sample")
+CAUSAL_MODES = ("paper", "strict")
+
+
+@functools.lru_cache(maxsize=256)
+def _partition_cpu(
+    num_tokens: int, num_special: int, partition: str, dst_ratio: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    count = num_tokens - num_special
+    if partition == "alternating":
+        # Every k-th token is a destination; k = 2 gives the paper's odd positions (0-based after the specials).
+        stride = max(1, round(1.0 / dst_ratio))
+        is_dst = (torch.arange(count) % stride) == stride - 1
+    else:
+        num_dst = min(count, max(0, round(count * dst_ratio)))
+        if partition == "sequential":
+            is_dst = torch.arange(count) < num_dst
+        else:  # random: own generator, so merging never shifts the user's RNG stream
+            generator = torch.Generator().manual_seed(seed)
+            is_dst = torch.zeros(count, dtype=torch.bool)
+            is_dst[torch.randperm(count, generator=generator)[:num_dst]] = True
+    positions = torch.arange(num_special, num_tokens)
+    return positions[is_dst], positions[~is_dst]
+
+
+def partition_indices(
+    num_tokens: int,
+    num_special: int,
+    partition: PartitionName = "alternating",
+    dst_ratio: float = 0.5,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 1: split the non-special positions into destination and source index sets.
+
+    Args:
+        num_tokens: L, the sequence length including special tokens.
+        num_special: leading tokens that never merge.
+        partition: ``"alternating"`` (every ``1/dst_ratio``-th token is a destination: odd positions for 0.5),
+            ``"sequential"`` (the first ``dst_ratio`` share), ``"random"`` (seeded, own generator).
+        dst_ratio: share of the non-special tokens that become destinations (0.25 for Swin-style downsampling).
+        seed: seed of the random partition.
+        device: where to put the indices.
+
+    Returns:
+        ``(dst_idx, src_idx)``: sorted absolute positions (M,) and (N,).
+    """
+    dst, src = _partition_cpu(num_tokens, num_special, partition, float(dst_ratio), seed)
+    return dst.to(device), src.to(device)
+
+
+def fusion_weights(
+    x_dst: torch.Tensor,
+    x_src: torch.Tensor,
+    tau: float,
+    prune: bool = True,
+    eps: float = 1e-6,
+    pair_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eqs 2-8: the fusion matrix W^F (B, M, N) from destination (B, M, d) and source (B, N, d) features.
+
+    ``pair_mask`` (broadcastable to (B, M, N), 1 = allowed) zeroes pairs before normalisation (used for padding and
+    for strictly causal merging). Computed in float32 when the input is half precision.
+    """
+    if x_dst.dtype in (torch.float16, torch.bfloat16):
+        x_dst, x_src = x_dst.float(), x_src.float()
+    similarity = F.normalize(x_dst, dim=-1) @ F.normalize(x_src, dim=-1).transpose(-1, -2)  # eq 2
+    similarity = similarity.clamp(-1.0, 1.0)  # rounding can push a cosine past 1; then tau = 1 would still merge
+    sparse = torch.relu(similarity - tau)  # eq 3
+    if pair_mask is not None:
+        sparse = sparse * pair_mask
+    weights = sparse / (sparse.sum(dim=-2, keepdim=True) + eps)  # eq 4
+    if not prune:
+        return weights
+    count = (weights / (weights + eps)).sum(dim=-2, keepdim=True)  # eq 6
+    zeta = weights.sum(dim=-2, keepdim=True) / (count + eps)  # eq 5
+    pruned = torch.relu(weights - zeta)  # eq 7
+    return pruned / (pruned.sum(dim=-2, keepdim=True) + eps)  # eq 8
+
+
+@dataclass
+class FusionPlan:
+    """Which input token went where in one merge; apply it to any tensor aligned with the same tokens.
+
+    Output layout per sample: specials, fused destinations, preserved sources (eq 10), each in original order;
+    with ``batch_rule="per_sample"`` (or padded input) shorter samples are padded at the end and ``mask`` says
+    which output tokens are real.
+
+    Attributes:
+        num_special: leading tokens that never merge.
+        dst_idx: (M,) input positions of the destinations.
+        src_idx: (N,) input positions of the sources.
+        weights: (B, M, N) the fusion weights W^F actually used (after causal masking and the batch rule).
+        preserved: (B, N) bool, sources kept as tokens of their own (for ``"any"`` the same row in every sample).
+        sizes_in: (B, L) how many original tokens each input token stands for.
+        sizes: (B, L') the same for the output tokens (padding has size 0). A source absorbed by several destinations
+            is shared among them in proportion to its weights, so sizes sum to the input total per sample.
+        mask: (B, L') bool, True = real token, or None when every output token is real.
+        lengths: (B,) number of real output tokens per sample.
+        size_weighted: fusion weighs each token by its size (a token standing for 5 patches weighs 5).
+    """
+
+    num_special: int
+    dst_idx: torch.Tensor
+    src_idx: torch.Tensor
+    weights: torch.Tensor
+    preserved: torch.Tensor
+    sizes_in: torch.Tensor
+    sizes: torch.Tensor
+    mask: torch.Tensor | None
+    lengths: torch.Tensor
+    size_weighted: bool
+    # (B, L') index into the candidate list [specials, destinations, sources]; None for the uniform fast path.
+    _gather: torch.Tensor | None = None
+    # (N',) indices of the kept sources when every sample keeps the same ones (batch rule "any", no padding).
+    _kept_src: torch.Tensor | None = None
+    # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
+    _out_pos: torch.Tensor | None = None
+
+    @property
+    def num_tokens_in(self) -> int:
+        return self.sizes_in.shape[1]
+
+    @property
+    def num_tokens_out(self) -> int:
+        return self.sizes.shape[1]
+
+    @property
+    def shares(self) -> torch.Tensor:
+        """(B, M, N) share of each absorbed source held by each destination (columns sum to 1 or are 0)."""
+        return _shares(self.weights)
+
+    def merge(self, t: torch.Tensor) -> torch.Tensor:
+        """Apply this merge (eqs 9-10) to ``t`` (B, L, c), aligned with the tokens the plan was made from."""
+        if t.dim() == 2:
+            return self.merge(t.unsqueeze(-1)).squeeze(-1)
+        s = self.num_special
+        t_dst, t_src = t[:, self.dst_idx], t[:, self.src_idx]
+        w = self.weights.to(t.dtype)
+        if self.size_weighted:
+            size_dst = self.sizes_in[:, self.dst_idx].to(t.dtype).unsqueeze(-1)
+            size_src = self.sizes_in[:, self.src_idx].to(t.dtype).unsqueeze(-1)
+            # Padded destinations have size 0 and absorb nothing: clamp so they give 0, not 0/0.
+            fused = (size_dst * t_dst + w @ (size_src * t_src)) / (size_dst + w @ size_src).clamp_min(1e-12)
+        else:
+            fused = (t_dst + w @ t_src) / (1 + w.sum(dim=-1, keepdim=True))  # eq 9
+        if self._kept_src is not None:
+            return torch.cat([t[:, :s], fused, t_src[:, self._kept_src]], dim=1)  # eq 10
+        candidates = torch.cat([t[:, :s], fused, t_src], dim=1)
+        out = candidates.gather(1, self._gather.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        return out.masked_fill(~self.mask.unsqueeze(-1), 0) if self.mask is not None else out
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """Map (B, L', c) back to (B, L, c): each absorbed source receives its destinations' weighted value;
+        specials, destinations and preserved sources receive their own (padded input positions receive 0)."""
+        if y.dim() == 2:
+            return self.unmerge(y.unsqueeze(-1)).squeeze(-1)
+        batch, _, channels = y.shape
+        out_pos = self._output_positions()
+        s, m = self.num_special, self.dst_idx.numel()
+        picked = y.gather(1, out_pos.clamp_min(0).unsqueeze(-1).expand(-1, -1, channels))
+        picked = picked.masked_fill((out_pos < 0).unsqueeze(-1), 0)
+        y_dst, y_src_own = picked[:, s : s + m], picked[:, s + m :]
+        absorbed = self.shares.to(y.dtype).transpose(-1, -2) @ y_dst
+        y_src = torch.where(self.preserved.unsqueeze(-1), y_src_own, absorbed)
+        out = y.new_zeros(batch, self.num_tokens_in, channels)
+        out[:, :s] = picked[:, :s]
+        out[:, self.dst_idx] = y_dst
+        out[:, self.src_idx] = y_src
+        return out
+
+    @property
+    def source_map(self) -> torch.Tensor:
+        """(B, L) long: for each input token, the output token that holds it (the largest share if split; -1 for
+        padding and for discarded sources)."""
+        out_pos = self._output_positions()
+        s, m = self.num_special, self.dst_idx.numel()
+        batch = out_pos.shape[0]
+        result = torch.zeros(batch, self.num_tokens_in, dtype=torch.long, device=out_pos.device)
+        result[:, :s] = out_pos[:, :s]
+        result[:, self.dst_idx] = out_pos[:, s : s + m]
+        absorbed_pos = torch.full_like(out_pos[:, s + m :], -1)
+        if m > 0:
+            best_dst = self.weights.argmax(dim=-2)  # (B, N)
+            absorbed = self.weights.sum(dim=-2) > 0
+            absorbed_pos = torch.where(absorbed, out_pos[:, s : s + m].gather(1, best_dst), -1)
+        result[:, self.src_idx] = torch.where(self.preserved, out_pos[:, s + m :], absorbed_pos)
+        return result
+
+    def _output_positions(self) -> torch.Tensor:
+        if self._out_pos is not None:
+            return self._out_pos
+        # Uniform layout: specials, destinations, then the kept sources in order.
+        batch, n = self.preserved.shape
+        s, m = self.num_special, self.dst_idx.numel()
+        device = self.preserved.device
+        head = torch.arange(s + m, device=device)
+        src_pos = torch.full((n,), -1, dtype=torch.long, device=device)
+        src_pos[self._kept_src] = torch.arange(s + m, s + m + self._kept_src.numel(), device=device)
+        return torch.cat([head, src_pos]).expand(batch, -1)
+
+
+def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str, batch_rule: str, causal,
+                  dst_ratio: float) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, L, d), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, L, d), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+    if not isinstance(num_special, int) or not 0 <= num_special < x.shape[1]:
+        raise ValueError(f"num_special must be an int in [0, L) with L = {x.shape[1]}, got {num_special!r}")
+    if not isinstance(tau, (int, float)) or math.isnan(tau) or not -1.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be a number in [-1, 1] (a cosine-similarity threshold), got {tau!r}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if batch_rule not in BATCH_RULES:
+        raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
+    if causal not in (False, True) + CAUSAL_MODES:
+        raise ValueError(f"causal must be False, True (= 'paper') or one of {CAUSAL_MODES}, got {causal!r}")
+    if not 0.0 < dst_ratio < 1.0:
+        raise ValueError(f"dst_ratio must be in (0, 1), got {dst_ratio!r}")
+    if torch.isnan(x).any():
+        raise ValueError("x contains NaN")
+
+
+def merge(
+    x: torch.Tensor,
+    tau: float = 0.8,
+    num_special: int = 1,
+    partition: PartitionName = "alternating",
+    prune: bool = True,
+    batch_rule: BatchRule = "any",
+    causal: bool | CausalMode = False,
+    eps: float = 1e-6,
+    *,
+    dst_ratio: float = 0.5,
+    seed: int = 0,
+    sizes: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
+    size_weighted: bool = False,
+    discard_preserved: bool = False,
+) -> tuple[torch.Tensor, FusionPlan]:
+    """Merge redundant tokens with MaMe (eqs 1-10), checking the arguments first.
+
+    Args:
+        x: (B, L, d) tokens, floating point.
+        tau: similarity threshold in [-1, 1] (eq 3); 1 merges nothing.
+        num_special: leading tokens (CLS, registers) that never merge.
+        partition: destination/source split, see `partition_indices`.
+        prune: apply the adaptive weight pruning of eqs 5-8 (otherwise W^F = W of eq 4).
+        batch_rule: ``"any"`` is the paper's rule (section 3.3): a source preserved in any sample is preserved, and
+            not fused, in every sample, so all samples keep the same length. ``"per_sample"``: each sample keeps only
+            its own preserved sources; the output is padded at the end and ``plan.mask`` marks real tokens.
+        causal: ``True``/``"paper"``: section 5, W^F is multiplied by the mask "source position <= destination
+            position", so no destination absorbs a later token (the columns are still normalised over all
+            destinations, so the result is not prefix-causal). ``"strict"``: each source may only join the nearest
+            destination after it; the output for a prefix then does not depend on later tokens. With a single
+            candidate per source there is nothing to prune, so pruning is skipped in that mode.
+        eps: the epsilon of eqs 4-8.
+        dst_ratio: share of non-special tokens that are destinations (0.5 = the paper's 2:1 split).
+        seed: seed for ``partition="random"``.
+        sizes: (B, L) how many original tokens each input token stands for (default ones); carried forward.
+        mask: (B, L) bool, True = real token, for padded input (real tokens first in each sample). Padding never
+            merges and is dropped from the output.
+        metric: (B, L, k) features used for the similarity instead of ``x`` (the paper uses the tokens themselves).
+        size_weighted: weigh each token by its size when fusing (beyond the paper; equal to eq 9 when sizes are 1).
+        discard_preserved: drop preserved sources instead of keeping them (the downsampling layer of hierarchical
+            models, section 4: "we had to discard the preserved source tokens").
+
+    Returns:
+        ``(y, plan)``: merged tokens (B, L', d) and the `FusionPlan`.
+    """
+    _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio)
+    if metric is not None and metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"metric must match x in (B, L) = {tuple(x.shape[:2])}, got {tuple(metric.shape)}")
+    for name, value in (("sizes", sizes), ("mask", mask)):
+        if value is not None and value.shape != x.shape[:2]:
+            raise ValueError(f"{name} must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(value.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+    return merge_unchecked(x, tau, num_special, partition, prune, batch_rule, causal, eps, dst_ratio=dst_ratio,
+                           seed=seed, sizes=sizes, mask=mask, metric=metric, size_weighted=size_weighted,
+                           discard_preserved=discard_preserved)
+
+
+def merge_unchecked(
+    x: torch.Tensor,
+    tau: float,
+    num_special: int,
+    partition: str = "alternating",
+    prune: bool = True,
+    batch_rule: str = "any",
+    causal: bool | str = False,
+    eps: float = 1e-6,
+    *,
+    dst_ratio: float = 0.5,
+    seed: int = 0,
+    sizes: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
+    size_weighted: bool = False,
+    discard_preserved: bool = False,
+) -> tuple[torch.Tensor, FusionPlan]:
+    """`merge` without argument checks, for patched blocks whose settings were checked once at patch time."""
+    batch, length, _ = x.shape
+    device = x.device
+    dst_idx, src_idx = partition_indices(length, num_special, partition, dst_ratio, seed, device)
+    metric = x if metric is None else metric
+    sizes_in = torch.ones(batch, length, device=device, dtype=torch.float32) if sizes is None else sizes.float()
+
+    pair_mask = None
+    if causal == "strict":
+        # Source j may only join the first destination after it: the nearest later destination position.
+        nearest = torch.searchsorted(dst_idx, src_idx)  # index of the first destination with position > source
+        pair_mask = (torch.arange(dst_idx.numel(), device=device).unsqueeze(1) == nearest.unsqueeze(0)).float()
+        prune = False
+    if mask is not None:
+        valid = mask[:, dst_idx].unsqueeze(-1) & mask[:, src_idx].unsqueeze(-2)
+        pair_mask = valid.float() if pair_mask is None else pair_mask * valid
+    weights = fusion_weights(metric[:, dst_idx], metric[:, src_idx], tau, prune, eps, pair_mask)
+    if causal in (True, "paper"):
+        weights = weights * (src_idx.unsqueeze(0) <= dst_idx.unsqueeze(1))  # section 5
+
+    src_real = torch.ones(batch, src_idx.numel(), dtype=torch.bool, device=device) if mask is None \
+        else mask[:, src_idx]
+    preserved = (weights.sum(dim=-2) == 0) & src_real  # m_j of section 3.3 (padding is never "preserved")
+    if batch_rule == "any":
+        preserved = preserved.any(dim=0, keepdim=True).expand(batch, -1)
+        weights = weights * (~preserved[:1]).unsqueeze(1)  # zero the columns of preserved sources everywhere
+    kept_src = torch.zeros_like(preserved) if discard_preserved else preserved & src_real
+
+    sizes_out_dst = sizes_in[:, dst_idx] + (_shares(weights) @ sizes_in[:, src_idx].unsqueeze(-1)).squeeze(-1)
+    plan_kwargs = dict(num_special=num_special, dst_idx=dst_idx, src_idx=src_idx, weights=weights,
+                       preserved=preserved, sizes_in=sizes_in, size_weighted=size_weighted)
+    if mask is None and batch_rule == "any":
+        kept = kept_src[0].nonzero().squeeze(-1)
+        sizes_out = torch.cat([sizes_in[:, :num_special], sizes_out_dst, sizes_in[:, src_idx[kept]]], 1)
+        lengths = torch.full((batch,), sizes_out.shape[1], device=device, dtype=torch.long)
+        plan = FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept)
+    else:
+        plan = _ragged_plan(plan_kwargs, mask, kept_src, sizes_in, sizes_out_dst)
+    return plan.merge(x), plan
+
+
+def _shares(weights: torch.Tensor) -> torch.Tensor:
+    total = weights.sum(dim=-2, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.Tensor, sizes_in: torch.Tensor,
+                 sizes_dst: torch.Tensor) -> FusionPlan:
+    """Per-sample layout: gather each sample's real tokens to the front and pad the rest."""
+    s, dst_idx, src_idx = plan_kwargs["num_special"], plan_kwargs["dst_idx"], plan_kwargs["src_idx"]
+    batch = kept_src.shape[0]
+    if mask is None:
+        head = torch.ones(batch, s + dst_idx.numel(), dtype=torch.bool, device=kept_src.device)
+    else:
+        head = torch.cat([mask[:, :s], mask[:, dst_idx]], dim=1)
+    keep = torch.cat([head, kept_src], dim=1)  # (B, S + M + N) over the candidates
+    lengths = keep.sum(dim=1)
+    out_len = int(lengths.max())
+    out_pos = torch.where(keep, keep.cumsum(dim=1) - 1, -1)
+    # Scatter candidate indices to their output slots; dropped candidates go to a spare column that is cut off.
+    gather = torch.zeros(batch, out_len + 1, dtype=torch.long, device=keep.device)
+    candidate = torch.arange(keep.shape[1], device=keep.device).expand(batch, -1)
+    gather.scatter_(1, torch.where(keep, out_pos, out_len), candidate)
+    gather = gather[:, :out_len]
+    out_mask = torch.arange(out_len, device=keep.device).unsqueeze(0) < lengths.unsqueeze(1)
+    candidate_sizes = torch.cat([sizes_in[:, :s], sizes_dst, sizes_in[:, src_idx]], dim=1)
+    sizes = candidate_sizes.gather(1, gather).masked_fill(~out_mask, 0)
+    return FusionPlan(**plan_kwargs, sizes=sizes, mask=out_mask, lengths=lengths, _gather=gather, _out_pos=out_pos)

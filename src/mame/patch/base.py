@@ -1,0 +1,96 @@
+"""Family-independent patching: swap classes for dynamic subclasses that remember their parent (as tomesd does).
+
+An integration calls `install` with the blocks it found, their `BlockLayout`, one `Merger` per merging block and an
+optional model mixin (pooling); `unpatch` restores every original class and removes every added attribute, so the
+unpatched model is bit-identical to the original.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from mame.blocks import BlockLayout, Merger, MergeRuntime, block_forward
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+class PatchedBlock:
+    """Mixin put in front of a block's own class; the forward is the shared `block_forward`."""
+
+    def forward(self, x, *args, **kwargs):
+        if args or any(value is not None and value is not False for value in kwargs.values()):
+            raise ValueError(
+                f"a mame-patched {type(self).__mro__[2].__name__} takes no attention mask or causal flag: "
+                "merging changes the sequence, so an outside mask cannot stay aligned (call mame.unpatch first)")
+        return block_forward(self, x, self._mame_layout, self._mame_runtime, self._mame_merger,
+                             self._mame_proportional)
+
+
+def swap_class(module: nn.Module, mixin: type, runtime: MergeRuntime) -> None:
+    """Give ``module`` a subclass of its own class with ``mixin`` in front, undone by ``runtime.undo``."""
+    parent = type(module)
+    key = (mixin, parent)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Mame{parent.__name__}", (mixin, parent), {})
+    module.__class__ = _SUBCLASSES[key]
+
+    def restore() -> None:
+        module.__class__ = parent
+
+    runtime.undo.append(restore)
+
+
+def set_attributes(module: nn.Module, runtime: MergeRuntime, **values) -> None:
+    """Set plain (non-module) attributes on ``module`` and register their removal."""
+    for name, value in values.items():
+        object.__setattr__(module, name, value)
+
+    def remove() -> None:
+        for name in values:
+            if name in module.__dict__:
+                object.__delattr__(module, name)
+
+    runtime.undo.append(remove)
+
+
+def install(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    layout: BlockLayout,
+    mergers: dict[int, Merger],
+    runtime: MergeRuntime,
+    proportional_attention: bool = False,
+    model_mixin: type | None = None,
+    key_hook=None,
+) -> nn.Module:
+    """Patch ``blocks`` in place; every block is patched so padding and sizes carry through the unmerged ones too.
+
+    Args:
+        key_hook: ``key_hook(block) -> handle`` that makes the block's attention leave its keys in
+            ``block._mame_keys`` (only for mergers with ``needs_keys``, e.g. ToMe); the handle is removed on unpatch.
+    """
+    unpatch(model)
+    for index, block in enumerate(blocks):
+        merger = mergers.get(index)
+        set_attributes(block, runtime, _mame_layout=layout, _mame_runtime=runtime, _mame_merger=merger,
+                       _mame_proportional=proportional_attention, _mame_index=index)
+        swap_class(block, PatchedBlock, runtime)
+        if merger is not None and merger.needs_keys:
+            handle = key_hook(block)
+            runtime.undo.append(handle.remove)
+    if model_mixin is not None:
+        swap_class(model, model_mixin, runtime)
+    set_attributes(model, runtime, mame=runtime)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original classes and attributes of a model patched by `mame` (no-op if it is not patched)."""
+    runtime = model.__dict__.get("mame")
+    if isinstance(runtime, MergeRuntime):
+        for undo in reversed(runtime.undo):
+            undo()
+        runtime.undo.clear()
+    return model

@@ -1,0 +1,158 @@
+"""MaMe for timm Vision Transformers: DeiT, AugReg ViT, MAE ViT, DINOv2 (LayerScale), register tokens, no class token.
+
+timm's `Block` runs ``x + drop_path1(ls1(attn(norm1(x))))`` then the same with ``mlp``/``norm2``/``ls2``, so the
+default `BlockLayout` describes it as it is. Pooling is part of the patch: average pooling weighs each token by its
+size (so merged and unmerged models pool the same image area) and attention pooling ("map") gets log(size) as bias.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mame.blocks import BlockLayout, MameMerge, Merger, MergeRuntime
+from mame.core import BATCH_RULES, CAUSAL_MODES, PARTITIONS
+from mame.patch.base import install
+
+TIMM_LAYOUT = BlockLayout()
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map", "")
+
+
+def _vit_class() -> type:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise a ValueError naming the class when ``model`` is not a timm ViT whose blocks we can describe."""
+    from timm.models.vision_transformer import Block
+
+    if not isinstance(model, _vit_class()):
+        raise ValueError(
+            f"mame.patch.timm supports timm VisionTransformer models (ViT, DeiT, AugReg, MAE, DINOv2, registers), "
+            f"got {type(model).__name__}")
+    for index, block in enumerate(model.blocks):
+        if type(block) is not Block and not (type(block).__name__.startswith("Mame") and isinstance(block, Block)):
+            raise ValueError(
+                f"mame.patch.timm supports timm `Block` (pre-norm, optional LayerScale); block {index} is "
+                f"{type(block).__name__}")
+    pool = "map" if getattr(model, "attn_pool", None) is not None else model.global_pool
+    if pool not in SUPPORTED_POOLS:
+        raise ValueError(f"global_pool={pool!r} is not supported; supported: {SUPPORTED_POOLS}")
+
+
+def resolve_layers(layers: int | Sequence[int], depth: int) -> tuple[int, ...]:
+    """``layers`` as block indices: an int K means the first K blocks."""
+    if isinstance(layers, bool) or not isinstance(layers, (int, Sequence)):
+        raise TypeError(f"layers must be an int (first K blocks) or a list of block indices, got {layers!r}")
+    if isinstance(layers, int):
+        if not 0 <= layers <= depth:
+            raise ValueError(f"layers={layers} is out of range: the model has {depth} blocks")
+        return tuple(range(layers))
+    indices = tuple(int(i) for i in layers)
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad or len(set(indices)) != len(indices):
+        raise ValueError(f"layers must be distinct block indices in [0, {depth}), got {list(layers)}")
+    return tuple(sorted(indices))
+
+
+def resolve_taus(tau: float | Sequence[float], count: int) -> tuple[float, ...]:
+    """``tau`` as one value per patched block, each checked to lie in [-1, 1]."""
+    taus = (tau,) * count if isinstance(tau, (int, float)) else tuple(tau)
+    if len(taus) != count:
+        raise ValueError(f"tau must be a float or one value per patched block ({count}), got {len(taus)} values")
+    for value in taus:
+        if not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+            raise ValueError(f"tau must lie in [-1, 1] (a cosine-similarity threshold), got {value!r}")
+    return tuple(float(v) for v in taus)
+
+
+def mame_mergers(
+    layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
+    causal: bool | str, size_weighted: bool,
+) -> dict[int, Merger]:
+    """One checked `MameMerge` per patched block."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if batch_rule not in BATCH_RULES:
+        raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
+    if causal not in (False, True) + CAUSAL_MODES:
+        raise ValueError(f"causal must be False, True or one of {CAUSAL_MODES}, got {causal!r}")
+    return {
+        index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
+                         size_weighted=size_weighted)
+        for index, t in zip(layers, taus)
+    }
+
+
+class PatchedViT:
+    """Mixin for timm `VisionTransformer`: size- and padding-aware pooling."""
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        state = self.mame.state
+        if state is None or state.sizes is None or state.sizes.shape != x.shape[:2]:
+            return super().pool(x, pool_type)
+        return pool_tokens(self, x, state.sizes, pool_type)
+
+
+def pool_tokens(model: nn.Module, x: torch.Tensor, sizes: torch.Tensor, pool_type: str | None) -> torch.Tensor:
+    """timm's pooling with every token weighted by its size (padding has size 0, so it is excluded)."""
+    prefix = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    if model.attn_pool is not None:
+        bias = sizes[:, prefix:].log().to(x.dtype)[:, None, None, :]  # proportional attention in the pool
+        return model.attn_pool(x[:, prefix:], attn_mask=bias)
+    pool_type = model.global_pool if pool_type is None else pool_type
+    if pool_type == "token":
+        return x[:, 0]
+    if pool_type == "":
+        return x
+    tokens, weights = x[:, prefix:], sizes[:, prefix:].to(x.dtype).unsqueeze(-1)
+    avg = (tokens * weights).sum(1) / weights.sum(1)
+    peak = tokens.masked_fill(weights == 0, float("-inf")).amax(1)
+    return {"avg": avg, "max": peak, "avgmax": 0.5 * (avg + peak)}[pool_type]
+
+
+def patch_timm(
+    model: nn.Module,
+    tau: float | Sequence[float] = 0.8,
+    layers: int | Sequence[int] = 8,
+    *,
+    batch_rule: str = "any",
+    partition: str = "alternating",
+    prune: bool = True,
+    size_weighted: bool = False,
+    proportional_attention: bool = False,
+    packed_mlp: bool = True,
+) -> nn.Module:
+    """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
+
+    Args:
+        model: a timm ``VisionTransformer`` (DeiT, AugReg, MAE, DINOv2 with LayerScale, with registers, any of the
+            ``token``/``avg``/``map`` pools). Its ``num_prefix_tokens`` special tokens never merge.
+        tau: similarity threshold, one float or one per patched block; 0.8 is the paper's training-free setting.
+        layers: an int K (the first K blocks; the paper uses 8) or a list of block indices.
+        batch_rule: ``"any"`` (the paper's batch-wide rule) or ``"per_sample"`` (each image keeps its own tokens;
+            the batch becomes ragged and is carried with a key-padding mask in SDPA).
+        partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"``.
+        prune: the adaptive weight pruning of eqs 5-8.
+        size_weighted: a token standing for k patches weighs k in later merges.
+        proportional_attention: add log(size) to the attention logits (as ToMe does).
+        packed_mlp: on ragged batches run the MLP on real tokens only.
+
+    Returns:
+        the same model, patched; ``model.mame`` holds the settings and ``model.mame.last_token_counts``.
+    """
+    check_model(model)
+    depth = len(model.blocks)
+    indices = resolve_layers(layers, depth)
+    taus = resolve_taus(tau, len(indices))
+    mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
+                           size_weighted=size_weighted)
+    settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
+                    size_weighted=size_weighted, proportional_attention=proportional_attention)
+    runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens,
+                           packed_mlp=packed_mlp)
+    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT)
