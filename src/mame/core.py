@@ -109,7 +109,7 @@ class FusionPlan:
     """Which input token went where in one merge; apply it to any tensor aligned with the same tokens.
 
     Output layout per sample: specials, fused destinations, preserved sources (eq 10), each in original order;
-    with ``batch_rule="per_sample"`` (or padded input) shorter samples are padded at the end and ``mask`` says
+    when nothing merges in any sample (e.g. tau = 1) the output is the input itself, in its own order; with ``batch_rule="per_sample"`` (or padded input) shorter samples are padded at the end and ``mask`` says
     which output tokens are real.
 
     Attributes:
@@ -142,6 +142,8 @@ class FusionPlan:
     _kept_src: torch.Tensor | None = None
     # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
     _out_pos: torch.Tensor | None = None
+    # Nothing merged in any sample: the output is the input, in its own order.
+    _identity: bool = False
 
     @property
     def num_tokens_in(self) -> int:
@@ -158,10 +160,13 @@ class FusionPlan:
 
     def merge(self, t: torch.Tensor) -> torch.Tensor:
         """Apply this merge (eqs 9-10) to ``t`` (B, L, c), aligned with the tokens the plan was made from."""
+        if self._identity:
+            return t
         if t.dim() == 2:
             return self.merge(t.unsqueeze(-1)).squeeze(-1)
         s = self.num_special
-        t_dst, t_src = t[:, self.dst_idx], t[:, self.src_idx]
+        # index_select, not t[:, idx]: the same copy, ~10x faster on CPU (advanced indexing was a third of a merge).
+        t_dst, t_src = t.index_select(1, self.dst_idx), t.index_select(1, self.src_idx)
         w = self.weights.to(t.dtype)
         if self.size_weighted:
             size_dst = self.sizes_in[:, self.dst_idx].to(t.dtype).unsqueeze(-1)
@@ -171,7 +176,7 @@ class FusionPlan:
         else:
             fused = (t_dst + w @ t_src) / (1 + w.sum(dim=-1, keepdim=True))  # eq 9
         if self._kept_src is not None:
-            return torch.cat([t[:, :s], fused, t_src[:, self._kept_src]], dim=1)  # eq 10
+            return torch.cat([t[:, :s], fused, t_src.index_select(1, self._kept_src)], dim=1)  # eq 10
         candidates = torch.cat([t[:, :s], fused, t_src], dim=1)
         out = candidates.gather(1, self._gather.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         return out.masked_fill(~self.mask.unsqueeze(-1), 0) if self.mask is not None else out
@@ -345,7 +350,8 @@ def merge_unchecked(
     if mask is not None:
         valid = mask[:, dst_idx].unsqueeze(-1) & mask[:, src_idx].unsqueeze(-2)
         pair_mask = valid.float() if pair_mask is None else pair_mask * valid
-    weights = fusion_weights(metric[:, dst_idx], metric[:, src_idx], tau, prune, eps, pair_mask)
+    weights = fusion_weights(metric.index_select(1, dst_idx), metric.index_select(1, src_idx), tau, prune, eps,
+                             pair_mask)
     if causal in (True, "paper"):
         weights = weights * (src_idx.unsqueeze(0) <= dst_idx.unsqueeze(1))  # section 5
 
@@ -357,16 +363,24 @@ def merge_unchecked(
         weights = weights * (~preserved[:1]).unsqueeze(1)  # zero the columns of preserved sources everywhere
     kept_src = torch.zeros_like(preserved) if discard_preserved else preserved & src_real
 
-    sizes_out_dst = sizes_in[:, dst_idx] + (_shares(weights) @ sizes_in[:, src_idx].unsqueeze(-1)).squeeze(-1)
+    shares = _shares(weights).to(sizes_in.dtype)  # weights are float64 for float64 input; sizes stay float32
+    sizes_out_dst = sizes_in[:, dst_idx] + (shares @ sizes_in[:, src_idx].unsqueeze(-1)).squeeze(-1)
     plan_kwargs = dict(num_special=num_special, dst_idx=dst_idx, src_idx=src_idx, weights=weights,
                        preserved=preserved, sizes_in=sizes_in, size_weighted=size_weighted)
-    if mask is None and batch_rule == "any":
+    if mask is None and not discard_preserved and bool(preserved.all()):
+        # Nothing merges (e.g. tau = 1): keep the input as it is, in its own order, rather than eq 10's layout.
+        out_pos = torch.cat([torch.arange(num_special, device=device), dst_idx, src_idx]).expand(batch, -1)
+        lengths = torch.full((batch,), length, device=device, dtype=torch.long)
+        plan = FusionPlan(**plan_kwargs, sizes=sizes_in, mask=None, lengths=lengths, _out_pos=out_pos,
+                          _identity=True)
+    elif mask is None and batch_rule == "any":
         kept = kept_src[0].nonzero().squeeze(-1)
         sizes_out = torch.cat([sizes_in[:, :num_special], sizes_out_dst, sizes_in[:, src_idx[kept]]], 1)
         lengths = torch.full((batch,), sizes_out.shape[1], device=device, dtype=torch.long)
         plan = FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept)
     else:
-        plan = _ragged_plan(plan_kwargs, mask, kept_src, sizes_in, sizes_out_dst)
+        nothing_merged = (weights.flatten(1) == 0).all(dim=1) & (not discard_preserved)
+        plan = _ragged_plan(plan_kwargs, mask, kept_src, sizes_in, sizes_out_dst, nothing_merged)
     return plan.merge(x), plan
 
 
@@ -376,7 +390,7 @@ def _shares(weights: torch.Tensor) -> torch.Tensor:
 
 
 def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.Tensor, sizes_in: torch.Tensor,
-                 sizes_dst: torch.Tensor) -> FusionPlan:
+                 sizes_dst: torch.Tensor, nothing_merged: torch.Tensor) -> FusionPlan:
     """Per-sample layout: gather each sample's real tokens to the front and pad the rest."""
     s, dst_idx, src_idx = plan_kwargs["num_special"], plan_kwargs["dst_idx"], plan_kwargs["src_idx"]
     batch = kept_src.shape[0]
@@ -387,7 +401,10 @@ def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.T
     keep = torch.cat([head, kept_src], dim=1)  # (B, S + M + N) over the candidates
     lengths = keep.sum(dim=1)
     out_len = int(lengths.max())
-    out_pos = torch.where(keep, keep.cumsum(dim=1) - 1, -1)
+    # A sample in which nothing merged keeps its own token order (as a batch of one would); the others get eq 10's
+    # layout. Real tokens are a prefix of each sample, so original positions are valid output slots.
+    original = torch.cat([torch.arange(s, device=keep.device), dst_idx, src_idx])
+    out_pos = torch.where(keep, torch.where(nothing_merged.unsqueeze(1), original, keep.cumsum(dim=1) - 1), -1)
     # Scatter candidate indices to their output slots; dropped candidates go to a spare column that is cut off.
     gather = torch.zeros(batch, out_len + 1, dtype=torch.long, device=keep.device)
     candidate = torch.arange(keep.shape[1], device=keep.device).expand(batch, -1)

