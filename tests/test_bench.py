@@ -95,7 +95,8 @@ def test_count_flops_same_for_every_sdpa_backend(tiny_vit, images):
 def test_count_flops_includes_merge_matmuls():
     batch, length, dim = 2, 33, 16
     x = torch.randn(batch, length, dim)
-    flops = bench.count_flops(lambda t: mame.merge(t, tau=0.5, num_special=1), x)
+    # tau = -1 merges every source, so the fusion matmul runs (a merge that merges nothing may skip it).
+    flops = bench.count_flops(lambda t: mame.merge(t, tau=-1.0, num_special=1), x)
     m = n = (length - 1) // 2
     assert flops >= 2 * (2 * batch * m * n * dim)  # similarity S and W^F @ x_src
 

@@ -803,3 +803,14 @@ def test_bad_input_names_the_argument(kwargs, error, pattern):
 def test_public_api_exports():
     assert mame.merge is merge and mame.fusion_weights is fusion_weights
     assert mame.FusionPlan is type(merge(X_OK, tau=0.5)[1])
+
+
+def test_partition_cache_made_in_inference_mode_serves_autograd():
+    """Partition indices are cached; the first call inside inference_mode must not poison later autograd calls."""
+    x = torch.randn(1, 23, 4)  # a length no other test uses, so this test creates the cache entry
+    with torch.inference_mode():
+        merge(x, tau=0.0, num_special=1)
+    leaf = x.clone().requires_grad_()
+    y, _ = merge(leaf, tau=0.0, num_special=1)
+    y.sum().backward()
+    assert leaf.grad is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Optional
@@ -95,6 +96,44 @@ def bench(
     if json_out is not None:
         json_out.write_text(json.dumps(bench_module.results_to_json(results, meta), indent=2, default=str))
         console.print(f"wrote {json_out}")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument("dinov2_vits14_imgfocus", help=MODEL_HELP),
+    target_speedup: Optional[float] = typer.Option(None, help="measured speed-up to reach, e.g. 2.0"),
+    target_flops: Optional[float] = typer.Option(None, help="FLOP reduction factor to reach, e.g. 2.0"),
+    target_tokens: Optional[float] = typer.Option(None, help="share of tokens kept after --block, e.g. 0.5"),
+    block: Optional[int] = typer.Option(None, help="1-based block for --target-tokens (default: last patched)"),
+    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    images: int = typer.Option(8, min=1, help="calibration photos (the first N bundled photos)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Choose τ so the model meets a speed-up, FLOP or token target on a few calibration photos, then check the
+    result on the other bundled photos (held out)."""
+    import torch
+
+    from mame import data
+    from mame.bench import count_flops
+    from mame.calibrate import calibrate as run_calibration
+
+    _set_threads(threads)
+    net = _load_model(model)
+    photos = [image for _, image in data.sample_photos()]
+    if not 0 < images < len(photos):
+        raise typer.BadParameter(f"--images must leave held-out photos: 1..{len(photos) - 1}")
+    size = net.patch_embed.img_size[0]
+    calibration, held_out = data.preprocess(photos[:images], size=size), data.preprocess(photos[images:], size=size)
+    baseline = copy.deepcopy(net)
+    result = run_calibration(net, calibration, target_speedup=target_speedup, target_flops=target_flops,
+                             target_tokens=target_tokens, block=block, layers=layers)
+    console.print(str(result))
+    with torch.inference_mode():
+        held_ratio = count_flops(baseline, held_out) / count_flops(net, held_out)
+        net(held_out)
+    console.print(f"held-out ({len(photos) - images} photos): FLOP ratio {held_ratio:.3f}x, tokens per block "
+                  f"{[round(c, 1) for c in net.mame.last_token_counts]}")
+    console.print(f"use it: mame.patch.timm(model, tau={result.taus[0]:.4f}, layers={layers})")
 
 
 def _bench_inputs(kind: str, batch: int, model):

@@ -32,6 +32,14 @@ CAUSAL_MODES = ("paper", "strict")
 def _partition_cpu(
     num_tokens: int, num_special: int, partition: str, dst_ratio: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached across calls: build normal tensors even inside inference_mode, or a later autograd forward fails.
+    with torch.inference_mode(False):
+        return _build_partition(num_tokens, num_special, partition, dst_ratio, seed)
+
+
+def _build_partition(
+    num_tokens: int, num_special: int, partition: str, dst_ratio: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     count = num_tokens - num_special
     if partition == "alternating":
         # Every k-th token is a destination; k = 2 gives the paper's odd positions (0-based after the specials).
