@@ -1,6 +1,6 @@
 """Cost of one MaMe merge relative to one transformer block (target: at most 5 %).
 
-Times ``mame.merge`` (argument checks included), the unchecked ``mame.core.merge_unchecked`` that patched blocks
+Times ``mame.merge`` (argument checks included), ``mame.merge(check=False)`` that patched blocks
 call, and the per-sample batch rule against one forward of a timm ViT block on the same tokens, in one process with
 interleaved pairs (`mame.bench.paired_speedup`). Random tokens are almost never similar enough to merge, so the same
 is measured on a smooth (low-frequency) random field where neighbouring tokens are alike, as in real images.
@@ -20,7 +20,6 @@ from timm.models.vision_transformer import Block
 
 import mame
 from mame.bench import paired_speedup
-from mame.core import merge_unchecked
 
 
 def random_tokens(batch: int, tokens: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -67,8 +66,8 @@ def main() -> None:
     tau, special = args.tau, args.num_special
     merges: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, mame.FusionPlan]]] = {
         "mame.merge": lambda x: mame.merge(x, tau=tau, num_special=special),
-        "merge_unchecked": lambda x: merge_unchecked(x, tau, special),
-        "merge_unchecked per_sample": lambda x: merge_unchecked(x, tau, special, batch_rule="per_sample"),
+        "merge(check=False)": lambda x: mame.merge(x, tau, special, check=False),
+        "merge(check=False) per_sample": lambda x: mame.merge(x, tau, special, batch_rule="per_sample", check=False),
     }
     print(f"x: ({args.batch}, {args.tokens}, {args.dim}) float32, CPU, {torch.get_num_threads()} threads, "
           f"tau={tau}, {args.pairs} pairs, torch {torch.__version__}")

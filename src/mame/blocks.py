@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from mame.core import FusionPlan, merge_unchecked
+from mame.core import FusionPlan, merge
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +110,10 @@ class MameMerge:
     needs_keys = False
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
-        y, plan = merge_unchecked(
+        y, plan = merge(
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
-            size_weighted=self.size_weighted)
+            size_weighted=self.size_weighted, check=False)
         state.sizes, state.mask = plan.sizes, plan.mask
         if state.keep_plans:
             state.plans.append(plan)

@@ -239,6 +239,29 @@ class FusionPlan:
         return torch.cat([head, src_pos]).expand(batch, -1)
 
 
+def check_options(partition: str, batch_rule: str, causal: bool | str, dst_ratio: float = 0.5) -> None:
+    """Raise a ValueError naming the argument when a string option or ``dst_ratio`` is not one we know."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if batch_rule not in BATCH_RULES:
+        raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
+    if causal not in (False, True) + CAUSAL_MODES:
+        raise ValueError(f"causal must be False, True (= 'paper') or one of {CAUSAL_MODES}, got {causal!r}")
+    if not 0.0 < dst_ratio < 1.0:
+        raise ValueError(f"dst_ratio must be in (0, 1), got {dst_ratio!r}")
+
+
+def _check_aligned(x: torch.Tensor, sizes: torch.Tensor | None, mask: torch.Tensor | None,
+                   metric: torch.Tensor | None) -> None:
+    if metric is not None and metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"metric must match x in (B, L) = {tuple(x.shape[:2])}, got {tuple(metric.shape)}")
+    for name, value in (("sizes", sizes), ("mask", mask)):
+        if value is not None and value.shape != x.shape[:2]:
+            raise ValueError(f"{name} must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(value.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+
+
 def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str, batch_rule: str, causal,
                   dst_ratio: float) -> None:
     if not isinstance(x, torch.Tensor):
@@ -251,14 +274,7 @@ def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str,
         raise ValueError(f"num_special must be an int in [0, L) with L = {x.shape[1]}, got {num_special!r}")
     if not isinstance(tau, (int, float)) or math.isnan(tau) or not -1.0 <= tau <= 1.0:
         raise ValueError(f"tau must be a number in [-1, 1] (a cosine-similarity threshold), got {tau!r}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
-    if batch_rule not in BATCH_RULES:
-        raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
-    if causal not in (False, True) + CAUSAL_MODES:
-        raise ValueError(f"causal must be False, True (= 'paper') or one of {CAUSAL_MODES}, got {causal!r}")
-    if not 0.0 < dst_ratio < 1.0:
-        raise ValueError(f"dst_ratio must be in (0, 1), got {dst_ratio!r}")
+    check_options(partition, batch_rule, causal, dst_ratio)
     if torch.isnan(x).any():
         raise ValueError("x contains NaN")
 
@@ -280,8 +296,9 @@ def merge(
     metric: torch.Tensor | None = None,
     size_weighted: bool = False,
     discard_preserved: bool = False,
+    check: bool = True,
 ) -> tuple[torch.Tensor, FusionPlan]:
-    """Merge redundant tokens with MaMe (eqs 1-10), checking the arguments first.
+    """Merge redundant tokens with MaMe (eqs 1-10).
 
     Args:
         x: (B, L, d) tokens, floating point.
@@ -307,42 +324,15 @@ def merge(
         size_weighted: weigh each token by its size when fusing (beyond the paper; equal to eq 9 when sizes are 1).
         discard_preserved: drop preserved sources instead of keeping them (the downsampling layer of hierarchical
             models, section 4: "we had to discard the preserved source tokens").
+        check: validate the arguments and scan ``x`` for NaN; patched blocks check their settings once at patch
+            time and pass False, since the NaN scan alone costs a pass over the tokens in every block.
 
     Returns:
         ``(y, plan)``: merged tokens (B, L', d) and the `FusionPlan`.
     """
-    _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio)
-    if metric is not None and metric.shape[:2] != x.shape[:2]:
-        raise ValueError(f"metric must match x in (B, L) = {tuple(x.shape[:2])}, got {tuple(metric.shape)}")
-    for name, value in (("sizes", sizes), ("mask", mask)):
-        if value is not None and value.shape != x.shape[:2]:
-            raise ValueError(f"{name} must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(value.shape)}")
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
-    return merge_unchecked(x, tau, num_special, partition, prune, batch_rule, causal, eps, dst_ratio=dst_ratio,
-                           seed=seed, sizes=sizes, mask=mask, metric=metric, size_weighted=size_weighted,
-                           discard_preserved=discard_preserved)
-
-
-def merge_unchecked(
-    x: torch.Tensor,
-    tau: float,
-    num_special: int,
-    partition: str = "alternating",
-    prune: bool = True,
-    batch_rule: str = "any",
-    causal: bool | str = False,
-    eps: float = 1e-6,
-    *,
-    dst_ratio: float = 0.5,
-    seed: int = 0,
-    sizes: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    metric: torch.Tensor | None = None,
-    size_weighted: bool = False,
-    discard_preserved: bool = False,
-) -> tuple[torch.Tensor, FusionPlan]:
-    """`merge` without argument checks, for patched blocks whose settings were checked once at patch time."""
+    if check:
+        _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio)
+        _check_aligned(x, sizes, mask, metric)
     batch, length, _ = x.shape
     device = x.device
     dst_idx, src_idx = partition_indices(length, num_special, partition, dst_ratio, seed, device)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mame.blocks import BlockLayout, MameMerge, Merger, MergeRuntime
-from mame.core import BATCH_RULES, CAUSAL_MODES, PARTITIONS
+from mame.core import check_options
 from mame.patch.base import install
 
 TIMM_LAYOUT = BlockLayout()
@@ -75,12 +75,7 @@ def mame_mergers(
     causal: bool | str, size_weighted: bool,
 ) -> dict[int, Merger]:
     """One checked `MameMerge` per patched block."""
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
-    if batch_rule not in BATCH_RULES:
-        raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
-    if causal not in (False, True) + CAUSAL_MODES:
-        raise ValueError(f"causal must be False, True or one of {CAUSAL_MODES}, got {causal!r}")
+    check_options(partition, batch_rule, causal)
     return {
         index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
                          size_weighted=size_weighted)
