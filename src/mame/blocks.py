@@ -114,7 +114,9 @@ class MameMerge:
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
             size_weighted=self.size_weighted, check=False)
-        state.sizes, state.mask = plan.sizes, plan.mask
+        # Samples of equal length need no padding mask: attention then runs without a bias, the MLP unpacked.
+        state.sizes = plan.sizes
+        state.mask = None if plan.mask is None or bool(plan.mask.all()) else plan.mask
         if state.keep_plans:
             state.plans.append(plan)
         return y

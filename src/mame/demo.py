@@ -117,9 +117,22 @@ def run(
             cosine = float(F.cosine_similarity(features, reference).mean())
             rows.append(DemoRow(variant.name, tokens_single, tokens_batch, speed_single, speed_batch, cosine))
     console.print(_table(rows, len(x)))
+    cosine = unmerge_fidelity(model, x, tau=0.8)
+    console.print(f"dense outputs: MaMe τ=0.8 patch features unmerged to the full 16x16 grid vs the unmodified "
+                  f"model's: mean cosine {cosine:.4f} over {len(x)} photos")
     path = write_merge_maps(model, photos[:2], Path(out_dir) / "merge_map.png")
     console.print(f"merge maps of two photos (MaMe τ = 0.7 / 0.8 / 0.9, first 8 blocks): [bold]{path}[/]")
     return rows
+
+
+def unmerge_fidelity(model: torch.nn.Module, x: torch.Tensor, tau: float, layers: int = 8) -> float:
+    """Mean cosine between unmerged per-patch features of a MaMe model and the unmodified model's patch features."""
+    patched = mame.patch.timm(copy.deepcopy(model), tau=tau, layers=layers)
+    with torch.inference_mode():
+        reference = model.forward_features(x)
+        unmerged = patched.mame.unmerge(patched.forward_features(x))
+    prefix = model.num_prefix_tokens
+    return float(F.cosine_similarity(unmerged[:, prefix:], reference[:, prefix:], dim=-1).mean())
 
 
 def _table(rows: Sequence[DemoRow], batch: int) -> Table:
