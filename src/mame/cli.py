@@ -162,7 +162,7 @@ def eval_command(
     layers: int = typer.Option(8, help="MaMe on the first K blocks"),
     tome_r: list[int] = typer.Option([8, 13, 16], help="ToMe r values (0 to skip)"),
     options: list[str] = typer.Option(["plain", "prop", "size"],
-                                      help="MaMe settings per τ: 'plain' (defaults), 'prop' (proportional "
+                                      help="MaMe settings per τ: 'plain' (the paper's operator), 'prop' (proportional "
                                            "attention), 'size' (size-weighted merging), 'both' (prop and size)"),
     seed: int = typer.Option(0, help="picks the Fashion-MNIST subsets"),
     batch: int = typer.Option(32, min=1, help="batch size, also the timing batch"),
@@ -179,8 +179,10 @@ def eval_command(
     from mame import evaluate
     from mame.bench import Variant
 
-    settings = {"plain": {}, "prop": {"proportional_attention": True}, "size": {"size_weighted": True},
-                "both": {"proportional_attention": True, "size_weighted": True}}
+    # Explicit on/off for both options, so each label means the same whatever the library defaults are.
+    settings = {name: {"proportional_attention": prop, "size_weighted": size}
+                for name, prop, size in (("plain", False, False), ("prop", True, False), ("size", False, True),
+                                         ("both", True, True))}
     bad = [option for option in options if option not in settings]
     if bad:
         raise typer.BadParameter(f"options must be among {', '.join(settings)}, got {', '.join(bad)}")

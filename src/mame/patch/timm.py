@@ -119,7 +119,7 @@ def patch_timm(
     partition: str = "alternating",
     prune: bool = True,
     size_weighted: bool = False,
-    proportional_attention: bool = False,
+    proportional_attention: bool = True,
     packed_mlp: bool = True,
 ) -> nn.Module:
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
@@ -135,8 +135,11 @@ def patch_timm(
             throws the speed-up away on varied batches).
         partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"``.
         prune: the adaptive weight pruning of eqs 5-8.
-        size_weighted: a token standing for k patches weighs k in later merges.
-        proportional_attention: add log(size) to the attention logits (as ToMe does).
+        size_weighted: a token standing for k patches weighs k in later merges. Off by default: on Fashion-MNIST
+            k-NN / linear probe it did not help at τ >= 0.8 (`mame eval`, see the README).
+        proportional_attention: add log(size) to the attention logits (as ToMe does), so a merged token keeps the
+            attention weight of the patches it stands for. On by default: it raised k-NN / probe accuracy at
+            τ = 0.7, 0.8 and 0.975 (`mame eval`); with all sizes 1 it is exactly plain attention.
         packed_mlp: on ragged batches run the MLP on real tokens only.
 
     Returns:
