@@ -15,13 +15,7 @@ from mame import bench
 DIM, DEPTH, HEADS, PATCH, IMG, CLASSES, BATCH = 64, 2, 4, 8, 32, 10, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Shared CI machines oversubscribe cores; one thread keeps these small runs fast and predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

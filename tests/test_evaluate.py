@@ -17,13 +17,7 @@ from mame.bench import Variant
 CLASSES, DIM = 10, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Shared CI machines oversubscribe cores; one thread keeps these small runs fast and predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clustered(n: int, seed: int, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
