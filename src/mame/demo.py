@@ -20,28 +20,16 @@ from rich.table import Table
 
 import mame
 from mame import data, models, viz
-from mame.baselines import tome
-from mame.bench import SpeedResult, paired_speedup
-
-
-@dataclass(frozen=True)
-class DemoVariant:
-    name: str
-    kind: str  # "mame" or "tome"
-    kwargs: dict
-
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        patcher = mame.patch.timm if self.kind == "mame" else tome.patch_timm
-        return patcher(copy.deepcopy(model), **self.kwargs)
+from mame.bench import SpeedResult, Variant, paired_speedup
 
 
 DEFAULT_VARIANTS = (
-    DemoVariant("MaMe τ=0.7", "mame", {"tau": 0.7, "layers": 8}),
-    DemoVariant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8}),
-    DemoVariant("MaMe τ=0.9", "mame", {"tau": 0.9, "layers": 8}),
-    DemoVariant("MaMe τ=0.8, paper batch rule", "mame", {"tau": 0.8, "layers": 8, "batch_rule": "any"}),
-    DemoVariant("ToMe r=8", "tome", {"r": 8}),
-    DemoVariant("ToMe r=16", "tome", {"r": 16}),
+    Variant("MaMe τ=0.7", "mame", {"tau": 0.7, "layers": 8}),
+    Variant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8}),
+    Variant("MaMe τ=0.9", "mame", {"tau": 0.9, "layers": 8}),
+    Variant("MaMe τ=0.8, paper batch rule", "mame", {"tau": 0.8, "layers": 8, "batch_rule": "any"}),
+    Variant("ToMe r=8", "tome", {"r": 8}),
+    Variant("ToMe r=16", "tome", {"r": 16}),
 )
 
 
@@ -65,7 +53,7 @@ def run(
     num_photos: int = 20,
     num_single: int = 8,
     pairs: int = 3,
-    variants: Sequence[DemoVariant] = DEFAULT_VARIANTS,
+    variants: Sequence[Variant] = DEFAULT_VARIANTS,
     console: Console | None = None,
 ) -> list[DemoRow]:
     """Run the demo and print its table; returns the rows and writes ``merge_map.png`` into ``out_dir``.
@@ -100,7 +88,7 @@ def run(
         task = bar.add_task("measuring", total=len(variants) * 2 * (pairs + 1))
         advance = lambda _=None: bar.advance(task)  # noqa: E731
         for variant in variants:
-            patched = variant.apply(model)
+            patched = variant.apply(copy.deepcopy(model))
             bar.update(task, description=f"{variant.name}: one photo at a time")
             counts: list = []
             one_by_one(patched, counts)
