@@ -68,16 +68,24 @@ class TokenState:
     keep_plans: bool = True
     plans: list = field(default_factory=list)
     counts: list = field(default_factory=list)
+    _bias_key: tuple | None = field(default=None, repr=False)
+    _bias: torch.Tensor | None = field(default=None, repr=False)
 
     def attention_bias(self, x: torch.Tensor, proportional: bool) -> torch.Tensor | None:
-        """Additive (B, 1, 1, L) bias: -inf on padding, plus log(size) for proportional attention (ToMe's)."""
+        """Additive (B, 1, 1, L) bias: -inf on padding, plus log(size) for proportional attention (ToMe's).
+
+        Made once per merge and reused by the blocks after it until sizes or mask change."""
         if self.mask is None and (not proportional or self.sizes is None):
             return None
+        key = (self.sizes, self.mask, proportional, x.dtype)
+        if self._bias_key is not None and all(a is b for a, b in zip(self._bias_key, key)):
+            return self._bias
         if proportional and self.sizes is not None:
             bias = self.sizes.log()  # size 0 (padding) gives -inf
         else:
             bias = torch.zeros(self.mask.shape, device=x.device).masked_fill(~self.mask, float("-inf"))
-        return bias.to(x.dtype)[:, None, None, :]
+        self._bias_key, self._bias = key, bias.to(x.dtype)[:, None, None, :]
+        return self._bias
 
     def ones_sizes(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ones(x.shape[:2], device=x.device, dtype=torch.float32) if self.sizes is None else self.sizes

@@ -28,13 +28,46 @@ BATCH_RULES = ("any", "per_sample")
 CAUSAL_MODES = ("paper", "strict")
 
 
+@dataclass(frozen=True)
+class TokenSplit:
+    """Destination and source positions (eq 1), as index tensors and, when evenly spaced (the alternating and
+    sequential partitions), as slices: slicing gives views, where ``index_select`` copies the rows every merge."""
+
+    dst_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_slice: slice | None
+    src_slice: slice | None
+
+    def dst(self, t: torch.Tensor) -> torch.Tensor:
+        """The destination rows of ``t`` (B, L, ...) along dim 1."""
+        return t[:, self.dst_slice] if self.dst_slice is not None else t.index_select(1, self.dst_idx)
+
+    def src(self, t: torch.Tensor) -> torch.Tensor:
+        """The source rows of ``t`` (B, L, ...) along dim 1."""
+        return t[:, self.src_slice] if self.src_slice is not None else t.index_select(1, self.src_idx)
+
+
+def _as_slice(positions: torch.Tensor) -> slice | None:
+    """``positions`` as a slice when they form an arithmetic progression, else None."""
+    count = positions.numel()
+    if count == 0:
+        return slice(0, 0)
+    start = int(positions[0])
+    step = int(positions[1] - positions[0]) if count > 1 else 1
+    if step <= 0 or not torch.equal(positions, torch.arange(start, start + step * count, step)):
+        return None
+    return slice(start, start + step * (count - 1) + 1, step)
+
+
 @functools.lru_cache(maxsize=256)
-def _partition_cpu(
-    num_tokens: int, num_special: int, partition: str, dst_ratio: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_split(
+    num_tokens: int, num_special: int, partition: str, dst_ratio: float, seed: int, device: str = "cpu"
+) -> TokenSplit:
+    """The cached `TokenSplit` of `partition_indices` on ``device``."""
     # Cached across calls: build normal tensors even inside inference_mode, or a later autograd forward fails.
     with torch.inference_mode(False):
-        return _build_partition(num_tokens, num_special, partition, dst_ratio, seed)
+        dst, src = _build_partition(num_tokens, num_special, partition, dst_ratio, seed)
+        return TokenSplit(dst.to(device), src.to(device), _as_slice(dst), _as_slice(src))
 
 
 def _build_partition(
@@ -79,8 +112,8 @@ def partition_indices(
     Returns:
         ``(dst_idx, src_idx)``: sorted absolute positions (M,) and (N,).
     """
-    dst, src = _partition_cpu(num_tokens, num_special, partition, float(dst_ratio), seed)
-    return dst.to(device), src.to(device)
+    split = token_split(num_tokens, num_special, partition, float(dst_ratio), seed, str(torch.device(device or "cpu")))
+    return split.dst_idx, split.src_idx
 
 
 def fusion_weights(
@@ -98,18 +131,20 @@ def fusion_weights(
     """
     if x_dst.dtype in (torch.float16, torch.bfloat16):
         x_dst, x_src = x_dst.float(), x_src.float()
-    similarity = F.normalize(x_dst, dim=-1) @ F.normalize(x_src, dim=-1).transpose(-1, -2)  # eq 2
-    similarity = similarity.clamp(-1.0, 1.0)  # rounding can push a cosine past 1; then tau = 1 would still merge
-    sparse = torch.relu(similarity - tau)  # eq 3
+    similarity = F.normalize(x_dst, dim=-1) @ F.normalize(x_src, dim=-1).mT  # eq 2
+    # Eq 3 with the cosine clamped to 1 first (rounding can push it past 1, and tau = 1 would then still merge):
+    # relu(min(s, 1) - tau) = clamp(s - tau, 0, 1 - tau). In-place steps below only touch fresh temporaries whose
+    # old values autograd does not need; they save a buffer each, which counts at one image per call.
+    sparse = (similarity - tau).clamp_(0.0, 1.0 - tau)
     if pair_mask is not None:
         sparse = sparse * pair_mask
-    weights = sparse / (sparse.sum(dim=-2, keepdim=True) + eps)  # eq 4
+    weights = sparse / sparse.sum(dim=-2, keepdim=True).add_(eps)  # eq 4
     if not prune:
         return weights
     count = (weights / (weights + eps)).sum(dim=-2, keepdim=True)  # eq 6
-    zeta = weights.sum(dim=-2, keepdim=True) / (count + eps)  # eq 5
-    pruned = torch.relu(weights - zeta)  # eq 7
-    return pruned / (pruned.sum(dim=-2, keepdim=True) + eps)  # eq 8
+    zeta = weights.sum(dim=-2, keepdim=True) / count.add_(eps)  # eq 5
+    pruned = (weights - zeta).relu_()  # eq 7
+    return pruned / pruned.sum(dim=-2, keepdim=True).add_(eps)  # eq 8
 
 
 @dataclass
@@ -122,8 +157,7 @@ class FusionPlan:
 
     Attributes:
         num_special: leading tokens that never merge.
-        dst_idx: (M,) input positions of the destinations.
-        src_idx: (N,) input positions of the sources.
+        split: the destination and source positions (``dst_idx`` (M,) and ``src_idx`` (N,) are shortcuts).
         weights: (B, M, N) the fusion weights W^F actually used (after causal masking and the batch rule).
         preserved: (B, N) bool, sources kept as tokens of their own (for ``"any"`` the same row in every sample).
         sizes_in: (B, L) how many original tokens each input token stands for.
@@ -135,8 +169,7 @@ class FusionPlan:
     """
 
     num_special: int
-    dst_idx: torch.Tensor
-    src_idx: torch.Tensor
+    split: TokenSplit
     weights: torch.Tensor
     preserved: torch.Tensor
     sizes_in: torch.Tensor
@@ -152,6 +185,14 @@ class FusionPlan:
     _out_pos: torch.Tensor | None = None
     # Nothing merged in any sample: the output is the input, in its own order.
     _identity: bool = False
+
+    @property
+    def dst_idx(self) -> torch.Tensor:
+        return self.split.dst_idx
+
+    @property
+    def src_idx(self) -> torch.Tensor:
+        return self.split.src_idx
 
     @property
     def num_tokens_in(self) -> int:
@@ -172,20 +213,19 @@ class FusionPlan:
             return t
         if t.dim() == 2:
             return self.merge(t.unsqueeze(-1)).squeeze(-1)
-        # index_select, not t[:, idx]: the same copy, ~10x faster on CPU (advanced indexing was a third of a merge).
-        return self._merge_parts(t, t.index_select(1, self.dst_idx), t.index_select(1, self.src_idx))
+        return self._merge_parts(t, self.split.dst(t), self.split.src(t))
 
     def _merge_parts(self, t: torch.Tensor, t_dst: torch.Tensor, t_src: torch.Tensor) -> torch.Tensor:
         """`merge` given the destination and source rows of ``t`` already selected."""
         s = self.num_special
         w = self.weights.to(t.dtype)
         if self.size_weighted:
-            size_dst = self.sizes_in[:, self.dst_idx].to(t.dtype).unsqueeze(-1)
-            size_src = self.sizes_in[:, self.src_idx].to(t.dtype).unsqueeze(-1)
+            size_dst = self.split.dst(self.sizes_in).to(t.dtype).unsqueeze(-1)
+            size_src = self.split.src(self.sizes_in).to(t.dtype).unsqueeze(-1)
             # Padded destinations have size 0 and absorb nothing: clamp so they give 0, not 0/0.
             fused = (size_dst * t_dst + w @ (size_src * t_src)) / (size_dst + w @ size_src).clamp_min(1e-12)
         else:
-            fused = (t_dst + w @ t_src) / (1 + w.sum(dim=-1, keepdim=True))  # eq 9
+            fused = torch.baddbmm(t_dst, w, t_src) / w.sum(dim=-1, keepdim=True).add_(1)  # eq 9
         if self._kept_src is not None:
             return torch.cat([t[:, :s], fused, t_src.index_select(1, self._kept_src)], dim=1)  # eq 10
         # The last candidate is a zero row: padding slots gather it, so no masking pass is needed afterwards.
@@ -338,7 +378,8 @@ def merge(
         _check_aligned(x, sizes, mask, metric)
     batch, length, _ = x.shape
     device = x.device
-    dst_idx, src_idx = partition_indices(length, num_special, partition, dst_ratio, seed, device)
+    split = token_split(length, num_special, partition, float(dst_ratio), seed, str(device))
+    dst_idx, src_idx = split.dst_idx, split.src_idx
     sizes_in = torch.ones(batch, length, device=device, dtype=torch.float32) if sizes is None else sizes.float()
 
     pair_mask = None
@@ -347,32 +388,42 @@ def merge(
         nearest = torch.searchsorted(dst_idx, src_idx)  # index of the first destination with position > source
         pair_mask = (torch.arange(dst_idx.numel(), device=device).unsqueeze(1) == nearest.unsqueeze(0)).float()
         prune = False
+    src_real = None if mask is None else split.src(mask)
     if mask is not None:
-        valid = mask[:, dst_idx].unsqueeze(-1) & mask[:, src_idx].unsqueeze(-2)
+        valid = split.dst(mask).unsqueeze(-1) & src_real.unsqueeze(-2)
         pair_mask = valid.float() if pair_mask is None else pair_mask * valid
-    x_dst, x_src = x.index_select(1, dst_idx), x.index_select(1, src_idx)
+    x_dst, x_src = split.dst(x), split.src(x)
     if metric is None:  # the paper's metric: the tokens themselves, so the selected rows serve twice
         metric_dst, metric_src = x_dst, x_src
     else:
-        metric_dst, metric_src = metric.index_select(1, dst_idx), metric.index_select(1, src_idx)
+        metric_dst, metric_src = split.dst(metric), split.src(metric)
     weights = fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask)
     if causal in (True, "paper"):
         weights = weights * (src_idx.unsqueeze(0) <= dst_idx.unsqueeze(1))  # section 5
 
     if batch == 1 and mask is None:
         batch_rule = "any"  # one sample: both rules agree, and the uniform layout needs no padding machinery
-    src_real = torch.ones(batch, src_idx.numel(), dtype=torch.bool, device=device) if mask is None \
-        else mask[:, src_idx]
-    preserved = (weights.sum(dim=-2) == 0) & src_real  # m_j of section 3.3 (padding is never "preserved")
-    if batch_rule == "any":
+    fused_total = weights.sum(dim=-2)  # (B, N) the weight each source gives away in all; 0 = not fused
+    preserved = fused_total == 0  # m_j of section 3.3
+    if src_real is not None:
+        preserved = preserved & src_real  # padding is never "preserved"
+    if batch_rule == "any" and batch > 1:
+        # A source preserved in any sample is preserved in all (with one sample its column is zero already).
         preserved = preserved.any(dim=0, keepdim=True).expand(batch, -1)
-        weights = weights * (~preserved[:1]).unsqueeze(1)  # zero the columns of preserved sources everywhere
-    kept_src = torch.zeros_like(preserved) if discard_preserved else preserved & src_real
+        weights = weights * (~preserved[:1]).unsqueeze(1)
+        fused_total = fused_total.masked_fill(preserved, 0.0)
+    kept_src = torch.zeros_like(preserved) if discard_preserved else preserved
 
-    shares = _shares(weights).to(sizes_in.dtype)  # weights are float64 for float64 input; sizes stay float32
-    sizes_out_dst = sizes_in[:, dst_idx] + (shares @ sizes_in[:, src_idx].unsqueeze(-1)).squeeze(-1)
-    plan_kwargs = dict(num_special=num_special, dst_idx=dst_idx, src_idx=src_idx, weights=weights,
-                       preserved=preserved, sizes_in=sizes_in, size_weighted=size_weighted)
+    # Destinations take the sizes of the sources they absorb in proportion to their shares, shares = W / column
+    # total: computed as W @ (size / total), which needs no (B, M, N) division. Columns with total 0 have zero
+    # weights; dividing them by 1 keeps inf and NaN out of the product and its gradient.
+    size_src = split.src(sizes_in)
+    total = fused_total.to(size_src.dtype)
+    per_weight = size_src / total.masked_fill(total == 0, 1.0)
+    absorbed = (weights.to(size_src.dtype) @ per_weight.unsqueeze(-1)).squeeze(-1)
+    sizes_out_dst = split.dst(sizes_in) + absorbed
+    plan_kwargs = dict(num_special=num_special, split=split, weights=weights, preserved=preserved,
+                       sizes_in=sizes_in, size_weighted=size_weighted)
     if mask is None and not discard_preserved and bool(preserved.all()):
         # Nothing merges (e.g. tau = 1): keep the input as it is, in its own order, rather than eq 10's layout.
         out_pos = torch.cat([torch.arange(num_special, device=device), dst_idx, src_idx]).expand(batch, -1)
@@ -381,11 +432,11 @@ def merge(
                           _identity=True)
     elif mask is None and batch_rule == "any":
         kept = kept_src[0].nonzero().squeeze(-1)
-        sizes_out = torch.cat([sizes_in[:, :num_special], sizes_out_dst, sizes_in[:, src_idx[kept]]], 1)
+        sizes_out = torch.cat([sizes_in[:, :num_special], sizes_out_dst, size_src.index_select(1, kept)], 1)
         lengths = torch.full((batch,), sizes_out.shape[1], device=device, dtype=torch.long)
         plan = FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept)
     else:
-        nothing_merged = (weights.flatten(1) == 0).all(dim=1) & (not discard_preserved)
+        nothing_merged = (fused_total == 0).all(dim=1) & (not discard_preserved)
         plan = _ragged_plan(plan_kwargs, mask, kept_src, sizes_in, sizes_out_dst, nothing_merged)
     return (x if plan._identity else plan._merge_parts(x, x_dst, x_src)), plan
 
@@ -398,12 +449,13 @@ def _shares(weights: torch.Tensor) -> torch.Tensor:
 def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.Tensor, sizes_in: torch.Tensor,
                  sizes_dst: torch.Tensor, nothing_merged: torch.Tensor) -> FusionPlan:
     """Per-sample layout: gather each sample's real tokens to the front and pad the rest."""
-    s, dst_idx, src_idx = plan_kwargs["num_special"], plan_kwargs["dst_idx"], plan_kwargs["src_idx"]
+    s, split = plan_kwargs["num_special"], plan_kwargs["split"]
+    dst_idx, src_idx = split.dst_idx, split.src_idx
     batch = kept_src.shape[0]
     if mask is None:
         head = torch.ones(batch, s + dst_idx.numel(), dtype=torch.bool, device=kept_src.device)
     else:
-        head = torch.cat([mask[:, :s], mask[:, dst_idx]], dim=1)
+        head = torch.cat([mask[:, :s], split.dst(mask)], dim=1)
     keep = torch.cat([head, kept_src], dim=1)  # (B, S + M + N) over the candidates
     lengths = keep.sum(dim=1)
     out_len = int(lengths.max())
@@ -419,6 +471,6 @@ def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.T
     gather.scatter_(1, torch.where(keep, out_pos, out_len), candidate)
     gather = gather[:, :out_len]
     out_mask = torch.arange(out_len, device=keep.device).unsqueeze(0) < lengths.unsqueeze(1)
-    candidate_sizes = torch.cat([sizes_in[:, :s], sizes_dst, sizes_in[:, src_idx], sizes_in.new_zeros(batch, 1)], 1)
+    candidate_sizes = torch.cat([sizes_in[:, :s], sizes_dst, split.src(sizes_in), sizes_in.new_zeros(batch, 1)], 1)
     sizes = candidate_sizes.gather(1, gather)
     return FusionPlan(**plan_kwargs, sizes=sizes, mask=out_mask, lengths=lengths, _gather=gather, _out_pos=out_pos)
