@@ -7,6 +7,8 @@ as a mismatch.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -116,6 +118,7 @@ def _assert_pristine(model: nn.Module) -> None:
     for block in model.blocks:
         assert type(block) is Block
         assert not [name for name in block.__dict__ if name.startswith("_mame")]
+        assert not block.attn.qkv._forward_hooks  # ToMe's key capture is gone too
 
 
 @pytest.mark.parametrize("config", ["deit", "dinov2_reg", "map"])
@@ -137,6 +140,26 @@ def test_unpatch_restores_bit_identical_outputs(config):
         assert torch.equal(model.forward_features(x), ref_feat)
         mame.unpatch(model)  # unpatching an unpatched model is a no-op
         _assert_pristine(model)
+
+
+@pytest.mark.parametrize("method", ["mame", "tome"])
+def test_deep_copy_of_patched_model_is_independent(method):
+    from mame.baselines import tome
+
+    model = make_vit("dinov2_reg", depth=3)
+    x = images()
+    ref = model(x).detach()
+    patched = mame.patch.timm(model, tau=-0.5, layers=3) if method == "mame" else tome.patch_timm(model, r=4)
+    merged = patched(x)  # with autograd on: the runtime then holds non-leaf tensors, which must not be copied
+    twin = copy.deepcopy(patched)
+    assert twin.mame.state is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), merged.detach())
+        assert twin.mame.last_token_counts == patched.mame.last_token_counts
+        mame.unpatch(twin)  # undoes the copy's own classes and hooks, not the original's
+        _assert_pristine(twin)
+        assert torch.equal(twin(x), ref)
+        torch.testing.assert_close(patched(x), merged.detach())
 
 
 def test_patching_twice_second_settings_win_and_one_unpatch_restores():

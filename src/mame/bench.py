@@ -314,6 +314,86 @@ def tokens_per_block(model: nn.Module, inputs: Inputs | None = None) -> list[flo
     return [float(c) for c in runtime.last_token_counts] if runtime is not None else counts
 
 
+# --------------------------------------------------------------------------------------------- merge-free bound
+class OneAtATime:
+    """Calls ``model`` on each sample of a batch in turn (single-image serving), keeping every sample's token counts.
+
+    Any function here that takes a model and inputs (`count_flops`, `paired_speedup` callables, `compare` with
+    ``one_at_a_time=True``) can be given this wrapper instead of the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.counts: list[list[float]] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.counts, outputs = [], []
+        runtime = getattr(self.model, "mame", None)
+        for i in range(x.shape[0]):
+            outputs.append(self.model(x[i : i + 1]))
+            if isinstance(runtime, MergeRuntime):
+                self.counts.append(runtime.last_token_counts)
+        return torch.cat(outputs)
+
+
+@dataclass
+class _ReplayMerge:
+    """A merge that costs nothing: returns the first ``length`` tokens and sets the sizes and padding mask a real
+    merge produced on the same inputs, one recorded forward after another, so every later block computes on
+    exactly the token counts, attention biases and packed MLP rows of the real run."""
+
+    outputs: list[tuple[int, torch.Tensor | None, torch.Tensor | None]]
+    step: int = 0
+    needs_keys = False
+
+    def __call__(self, x: torch.Tensor, state: Any, keys: torch.Tensor | None) -> torch.Tensor:
+        length, state.sizes, state.mask = self.outputs[self.step % len(self.outputs)]
+        self.step += 1
+        return x[:, :length].contiguous()  # a copy when B > 1, as the real merge makes a new tensor too
+
+
+def _merging_blocks(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if module.__dict__.get("_mame_merger") is not None]
+
+
+def merge_free_copy(patched: nn.Module, call: Callable[[], Any]) -> nn.Module:
+    """A copy of ``patched`` whose merges cost nothing: the speed-up it reaches is the bound for any implementation
+    of the same merges on the same inputs (same token counts, same attention and MLP work; only the merge's own
+    similarity, weights and fusion are free).
+
+    Args:
+        patched: a model patched by `mame.patch` or `mame.baselines.tome`.
+        call: runs ``patched`` exactly as it will be timed (e.g. ``lambda: patched(x)``); the copy replays the
+            recorded merges in that order, so it must then be called the same way.
+    """
+    if not _merging_blocks(patched):
+        raise ValueError("the model has no merging blocks: patch it with mame first")
+    replay = copy.deepcopy(patched)  # before recording: the copy must not carry the recording wrappers
+    records: list[list] = []
+    originals = {}
+    for block in _merging_blocks(patched):
+        real, record = block._mame_merger, []
+        originals[block] = real
+        records.append(record)
+
+        def recording(x, state, keys, real=real, record=record):
+            merged = real(x, state, keys)
+            record.append((merged.shape[1], state.sizes, state.mask))
+            return merged
+
+        recording.needs_keys = real.needs_keys
+        object.__setattr__(block, "_mame_merger", recording)
+    try:
+        with torch.inference_mode():
+            call()
+    finally:
+        for block, real in originals.items():
+            object.__setattr__(block, "_mame_merger", real)
+    for block, record in zip(_merging_blocks(replay), records):
+        object.__setattr__(block, "_mame_merger", _ReplayMerge(record))
+    return replay
+
+
 # ------------------------------------------------------------------------------------------------------- compare
 def _no_patch(model: nn.Module) -> nn.Module:
     return model
@@ -363,6 +443,11 @@ class VariantResult:
         peak_memory: peak bytes allocated during one forward of the variant (None where not measurable).
         baseline_peak_memory: the same for the unmodified model.
         efficiency: speedup.ratio / flop_ratio, the share of the FLOP saving turned into time.
+        bound: speed-up of the same model with every merge free (`merge_free_copy`), or None when not measured:
+            what eager PyTorch on this machine can get from these token counts at most.
+        of_bound: speedup.ratio / bound.ratio, the share of that bound the implementation reaches (None when
+            not measured). Below 1 it is the merge's own cost; the gap from bound to FLOP ratio is the hardware's
+            (small matrices run at fewer FLOP/s, fixed per-block costs stay).
     """
 
     name: str
@@ -377,6 +462,8 @@ class VariantResult:
     peak_memory: int | None
     baseline_peak_memory: int | None
     efficiency: float
+    bound: SpeedResult | None = None
+    of_bound: float | None = None
 
 
 def _values(inputs: Inputs) -> list[Any]:

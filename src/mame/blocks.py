@@ -145,6 +145,10 @@ class MergeRuntime:
     state: TokenState | None = None
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles of a patched model start clean: the last forward's tensors belong to that forward.
+        return {**self.__dict__, "state": None}
+
     def begin(self, keep_plans: bool) -> TokenState:
         self.state = TokenState(num_special=self.num_special, keep_plans=keep_plans)
         return self.state
@@ -201,7 +205,7 @@ def block_forward(
     x = x + part(block, layout.drop_path1)(part(block, layout.ls1)(
         layout.call_attention(getattr(block, layout.attn), part(block, layout.norm1)(x), bias)))
     if merger is not None:
-        x = merger(x, state, getattr(block, "_mame_keys", None))
+        x = merger(x, state, block.__dict__.pop("_mame_keys", None))  # popped: no stale keys kept after a forward
 
     def mlp_branch(t: torch.Tensor) -> torch.Tensor:
         return part(block, layout.drop_path2)(part(block, layout.ls2)(getattr(block, layout.mlp)(

@@ -75,23 +75,37 @@ class ToMeMerge:
         return x
 
 
-def _capture_keys(block: nn.Module):
-    """Leave the block's attention keys, averaged over heads, in ``block._mame_keys`` (ToMe's metric)."""
-    attn = block.attn
-    heads, head_dim = attn.num_heads, attn.head_dim
+@dataclass
+class _KeyCapture:
+    """Forward hook on ``attn.qkv`` that leaves the keys, averaged over heads, in ``block._mame_keys``.
 
-    def hook(module, inputs, output):
+    An object rather than a closure, so that a deep copy of a patched model writes into its own blocks."""
+
+    block: nn.Module
+    heads: int
+    head_dim: int
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         batch, tokens, _ = output.shape
-        object.__setattr__(block, "_mame_keys", output.view(batch, tokens, 3, heads, head_dim)[:, :, 1].mean(2))
+        keys = output.view(batch, tokens, 3, self.heads, self.head_dim)[:, :, 1].mean(2)
+        object.__setattr__(self.block, "_mame_keys", keys)
 
-    handle = attn.qkv.register_forward_hook(hook)
 
-    class Handle:
-        def remove(self) -> None:
-            handle.remove()
-            block.__dict__.pop("_mame_keys", None)
+@dataclass
+class _KeyCaptureHandle:
+    block: nn.Module
+    handle: torch.utils.hooks.RemovableHandle
 
-    return Handle()
+    def remove(self) -> None:
+        self.handle.remove()
+        self.block.__dict__.pop("_mame_keys", None)
+
+
+def _capture_keys(block: nn.Module) -> _KeyCaptureHandle:
+    """Make the block's attention leave its keys in ``block._mame_keys`` (ToMe's metric)."""
+    attn = block.attn
+    handle = attn.qkv.register_forward_hook(_KeyCapture(block, attn.num_heads, attn.head_dim))
+    return _KeyCaptureHandle(block, handle)
 
 
 def parse_r(r: int | Sequence[int], depth: int) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ unpatched model is bit-identical to the original.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
@@ -28,6 +29,27 @@ class PatchedBlock:
                              self._mame_proportional)
 
 
+# Undo steps are small objects, not closures: a deep copy of a patched model then undoes its own modules.
+@dataclass
+class _RestoreClass:
+    module: nn.Module
+    parent: type
+
+    def __call__(self) -> None:
+        self.module.__class__ = self.parent
+
+
+@dataclass
+class _RemoveAttributes:
+    module: nn.Module
+    names: tuple[str, ...]
+
+    def __call__(self) -> None:
+        for name in self.names:
+            if name in self.module.__dict__:
+                object.__delattr__(self.module, name)
+
+
 def swap_class(module: nn.Module, mixin: type, runtime: MergeRuntime) -> None:
     """Give ``module`` a subclass of its own class with ``mixin`` in front, undone by ``runtime.undo``."""
     parent = type(module)
@@ -35,24 +57,14 @@ def swap_class(module: nn.Module, mixin: type, runtime: MergeRuntime) -> None:
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"Mame{parent.__name__}", (mixin, parent), {})
     module.__class__ = _SUBCLASSES[key]
-
-    def restore() -> None:
-        module.__class__ = parent
-
-    runtime.undo.append(restore)
+    runtime.undo.append(_RestoreClass(module, parent))
 
 
 def set_attributes(module: nn.Module, runtime: MergeRuntime, **values) -> None:
     """Set plain (non-module) attributes on ``module`` and register their removal."""
     for name, value in values.items():
         object.__setattr__(module, name, value)
-
-    def remove() -> None:
-        for name in values:
-            if name in module.__dict__:
-                object.__delattr__(module, name)
-
-    runtime.undo.append(remove)
+    runtime.undo.append(_RemoveAttributes(module, tuple(values)))
 
 
 def install(
