@@ -395,11 +395,11 @@ def merge_free_copy(patched: nn.Module, call: Callable[[], Any]) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------- compare
-def _no_patch(model: nn.Module) -> nn.Module:
+def _unchanged(model: nn.Module) -> nn.Module:
     return model
 
 
-_PATCHERS: dict[str, Callable[..., nn.Module]] = {"none": _no_patch, "mame": mame.patch.timm, "tome": tome.patch_timm}
+_PATCHERS: dict[str, Callable[..., nn.Module]] = {"none": _unchanged, "mame": mame.patch.timm, "tome": tome.patch_timm}
 
 
 @dataclass(frozen=True)
@@ -497,6 +497,8 @@ def compare(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    bound: bool = False,
+    one_at_a_time: bool = False,
 ) -> list[VariantResult]:
     """Measure every variant against the unmodified model, in this process, on the same inputs.
 
@@ -513,37 +515,58 @@ def compare(
         device: where to run (default: where the model is).
         dtype: floating dtype of weights and inputs (CPU: float32 or bfloat16; CUDA also float16).
         progress: show a rich progress bar on stderr.
+        bound: also time each variant with its merges made free (`merge_free_copy`) and report that speed-up as
+            ``bound`` and the share of it reached as ``of_bound``.
+        one_at_a_time: run the samples of ``inputs`` (a tensor) one by one, as single-image serving does; FLOPs
+            and speed cover the whole loop, tokens per block are the mean over samples.
 
     Returns:
         one `VariantResult` per variant, in order.
     """
     if isinstance(getattr(model, "mame", None), MergeRuntime):
         raise ValueError("model is patched by mame: pass the unmodified model (call mame.unpatch first)")
+    if one_at_a_time and not isinstance(inputs, torch.Tensor):
+        raise ValueError("one_at_a_time needs a batch tensor as inputs")
+    runner = OneAtATime if one_at_a_time else _unchanged
     baseline = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     run_device = torch.device(device) if device is not None else next(baseline.parameters()).device
     inputs = _move(inputs, run_device, dtype)
+    run_baseline = runner(baseline)
     with torch.inference_mode():
-        baseline_flops = count_flops(baseline, inputs)
-        baseline_peak = peak_memory(lambda: _call(baseline, inputs), run_device)
+        baseline_flops = count_flops(run_baseline, inputs)
+        baseline_peak = peak_memory(lambda: _call(run_baseline, inputs), run_device)
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
         overall = bar.add_task("variants", total=len(variants))
         for variant in variants:
-            task = bar.add_task(f"  {variant.name}", total=pairs)
+            with_bound = bound and variant.kind != "none"
+            task = bar.add_task(f"  {variant.name}", total=pairs * (2 if with_bound else 1))
             patched = variant.apply(copy.deepcopy(baseline))
+            run_patched = runner(patched)
             with torch.inference_mode():
-                flops = count_flops(patched, inputs)
-                tokens = tokens_per_block(patched, inputs)
-                peak = peak_memory(lambda: _call(patched, inputs), run_device)
-                speed = paired_speedup(lambda: _call(baseline, inputs), lambda: _call(patched, inputs), pairs=pairs,
-                                       warmup=warmup, min_time=min_time, on_pair=lambda _: bar.advance(task))
+                flops = count_flops(run_patched, inputs)
+                if one_at_a_time:
+                    _call(run_patched, inputs)
+                    counts = run_patched.counts or [tokens_per_block(baseline, inputs[:1])]
+                    tokens = [statistics.fmean(column) for column in zip(*counts)]
+                else:
+                    tokens = tokens_per_block(patched, inputs)
+                peak = peak_memory(lambda: _call(run_patched, inputs), run_device)
+                timed = functools.partial(paired_speedup, pairs=pairs, warmup=warmup, min_time=min_time,
+                                          on_pair=lambda _: bar.advance(task))
+                speed = timed(lambda: _call(run_baseline, inputs), lambda: _call(run_patched, inputs))
+                bound_speed = None
+                if with_bound:
+                    run_free = runner(merge_free_copy(patched, lambda: _call(run_patched, inputs)))
+                    bound_speed = timed(lambda: _call(run_baseline, inputs), lambda: _call(run_free, inputs))
             flop_ratio = baseline_flops / flops
             results.append(VariantResult(
                 name=variant.name, kind=variant.kind, kwargs=dict(variant.kwargs), speedup=speed, flops=flops,
                 baseline_flops=baseline_flops, flop_ratio=flop_ratio, tokens_per_block=tokens,
                 final_tokens=tokens[-1], peak_memory=peak, baseline_peak_memory=baseline_peak,
-                efficiency=speed.ratio / flop_ratio))
+                efficiency=speed.ratio / flop_ratio, bound=bound_speed,
+                of_bound=None if bound_speed is None else speed.ratio / bound_speed.ratio))
             bar.remove_task(task)
             bar.advance(overall)
     return results
@@ -568,15 +591,21 @@ def _mib(value: int | None) -> str:
 
 
 def results_table(results: Sequence[VariantResult], title: str | None = None) -> Table:
-    """A rich table: one row per variant, the speed-up next to the FLOP ratio it should be compared with."""
+    """A rich table: one row per variant, the speed-up next to the FLOP ratio it should be compared with (and next
+    to the merge-free bound when it was measured)."""
+    with_bound = any(result.bound is not None for result in results)
     table = Table(title=title)
     table.add_column("variant")
-    for header in ("tokens out", "GFLOPs", "FLOP ratio", "speed-up (min–max)", "efficiency", "peak MiB"):
+    headers = ["tokens out", "GFLOPs", "FLOP ratio", "speed-up (min–max)", "efficiency"]
+    headers += ["merge-free bound", "of bound"] if with_bound else []
+    for header in headers + ["peak MiB"]:
         table.add_column(header, justify="right")
     for result in results:
-        table.add_row(result.name, f"{result.final_tokens:.1f}", f"{result.flops / 1e9:.2f}",
-                      f"{result.flop_ratio:.2f}x", str(result.speedup), f"{result.efficiency:.0%}",
-                      _mib(result.peak_memory))
+        row = [result.name, f"{result.final_tokens:.1f}", f"{result.flops / 1e9:.2f}", f"{result.flop_ratio:.2f}x",
+               str(result.speedup), f"{result.efficiency:.0%}"]
+        if with_bound:
+            row += ["–", "–"] if result.bound is None else [f"{result.bound.ratio:.2f}x", f"{result.of_bound:.0%}"]
+        table.add_row(*row, _mib(result.peak_memory))
     return table
 
 

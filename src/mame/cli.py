@@ -72,10 +72,18 @@ def bench(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (CUDA)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     pairs: int = typer.Option(7, min=1, help="interleaved timing pairs per variant"),
+    one_at_a_time: bool = typer.Option(False, "--one-at-a-time", help="run the batch's images one by one "
+                                                                      "(single-image serving)"),
+    bound: bool = typer.Option(True, help="also time each variant with its merges made free: the most any "
+                                          "implementation of those merges can reach here"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
 ) -> None:
-    """Paired, interleaved speed ratios in one process, FLOPs (SDPA counted), tokens per block and peak memory."""
+    """Paired, interleaved speed ratios in one process, FLOPs (SDPA counted), tokens per block and peak memory.
+
+    Columns: speed-up over the unmodified model; efficiency = speed-up / FLOP ratio; merge-free bound = speed-up of
+    the same model with every merge replaced by a free truncation to the same token counts (what is left is the
+    hardware: small matrices run at fewer FLOP/s); of bound = speed-up / bound, the share the implementation keeps."""
     import torch
 
     from mame import bench as bench_module
@@ -87,10 +95,12 @@ def bench(
                 for t in tau]
     variants += [bench_module.Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
     torch_dtype = getattr(torch, dtype)
-    results = bench_module.compare(net, x, variants, pairs=pairs, device=device, dtype=torch_dtype)
+    results = bench_module.compare(net, x, variants, pairs=pairs, device=device, dtype=torch_dtype, bound=bound,
+                                   one_at_a_time=one_at_a_time)
     meta = bench_module.run_meta(model, x, dtype=torch_dtype, device=device)
-    meta["data"] = data
-    console.print(bench_module.results_table(results, title=f"{model}, batch {batch}, {dtype}, {device}, "
+    meta.update(data=data, one_at_a_time=one_at_a_time)
+    shape = f"{batch} images one at a time" if one_at_a_time else f"batch {batch}"
+    console.print(bench_module.results_table(results, title=f"{model}, {shape}, {dtype}, {device}, "
                                                             f"{torch.get_num_threads()} threads, data: {data}"))
     for result in results:
         console.print(f"{result.name}: tokens per block {[round(c, 1) for c in result.tokens_per_block]}")
