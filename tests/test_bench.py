@@ -146,3 +146,67 @@ def test_compare_rejects_patched_model_and_unknown_kind(tiny_vit, images):
     mame.patch.timm(tiny_vit, tau=0.8, layers=1)
     with pytest.raises(ValueError, match="unpatch"):
         bench.compare(tiny_vit, images, [bench.Variant("none", "none")], progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ merge-free bound
+def _smooth_images(count: int) -> torch.Tensor:
+    """Images that merge differently from one another: constant patches with a little noise, varied amounts."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.rand(count, 3, 1, 1, generator=gen).expand(count, 3, IMG, IMG)
+    noise = torch.randn(count, 3, IMG, IMG, generator=gen) * torch.linspace(0.01, 2.0, count).view(-1, 1, 1, 1)
+    return base + noise
+
+
+@pytest.mark.parametrize("method", ["mame", "tome"])
+def test_merge_free_copy_replays_every_forward_without_merging(tiny_vit, method, monkeypatch):
+    from mame.baselines import tome
+
+    x = _smooth_images(3)
+    patched = mame.patch.timm(tiny_vit, tau=0.5, layers=DEPTH) if method == "mame" else tome.patch_timm(tiny_vit, r=3)
+    run = bench.OneAtATime(patched)
+    with torch.inference_mode():
+        run(x)
+        real_counts = run.counts
+        free = bench.OneAtATime(bench.merge_free_copy(patched, lambda: run(x)))
+
+        def no_merging(*args, **kwargs):
+            raise AssertionError("the merge-free copy must not merge")
+
+        monkeypatch.setattr("mame.blocks.merge", no_merging)
+        monkeypatch.setattr("mame.baselines.tome.merge_weighted", no_merging)
+        for _ in range(2):  # replays in call order, again and again
+            out = free(x)
+            assert free.counts == real_counts
+            assert out.shape == (3, CLASSES)
+        with pytest.raises(AssertionError, match="must not merge"):
+            run(x)  # the original still merges for real
+    if method == "mame":
+        assert len({tuple(c) for c in real_counts}) > 1, "test images should merge differently"
+
+
+def test_merge_free_copy_rejects_unpatched_model(tiny_vit):
+    with pytest.raises(ValueError, match="no merging blocks"):
+        bench.merge_free_copy(tiny_vit, lambda: None)
+
+
+def test_compare_one_at_a_time_with_bound(tiny_vit):
+    x = _smooth_images(3)
+    variants = [bench.Variant("none", "none"), bench.Variant("MaMe", "mame", {"tau": 0.5, "layers": DEPTH})]
+    none, mame_result = bench.compare(tiny_vit, x, variants, pairs=3, warmup=1, progress=False, bound=True,
+                                      one_at_a_time=True)
+    assert none.bound is None and none.of_bound is None
+    assert mame_result.bound is not None and mame_result.bound.pairs == 3
+    assert mame_result.of_bound == pytest.approx(mame_result.speedup.ratio / mame_result.bound.ratio)
+    single_flops = bench.count_flops(tiny_vit, x[:1])
+    assert none.flops == 3 * single_flops  # one forward per image
+    patched = mame.patch.timm(tiny_vit, tau=0.5, layers=DEPTH)
+    with torch.inference_mode():
+        counts = []
+        for i in range(3):
+            patched(x[i : i + 1])
+            counts.append(patched.mame.last_token_counts)
+    assert mame_result.tokens_per_block == pytest.approx([sum(c) / 3 for c in zip(*counts)])
+    assert bench.results_table([none, mame_result]).columns[6].header == "merge-free bound"
+    mame.unpatch(tiny_vit)
+    with pytest.raises(ValueError, match="batch tensor"):
+        bench.compare(tiny_vit, (x,), variants, progress=False, one_at_a_time=True)
