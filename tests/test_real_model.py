@@ -48,3 +48,22 @@ def test_unmerged_patch_features_stay_close(model, photos):
     assert unmerged.shape == reference.shape
     cosine = F.cosine_similarity(unmerged[:, 1:], reference[:, 1:], dim=-1)
     assert cosine.mean() > 0.8
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's main job, shortened: its table, the merge-free bound and the merge-map PNG on real photos."""
+    from rich.console import Console
+
+    from mame import demo
+    from mame.bench import Variant
+
+    console = Console(record=True, width=200)
+    rows = demo.run(tmp_path, num_photos=3, num_single=2, pairs=1, console=console,
+                    variants=[Variant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8})])
+    (row,) = rows
+    assert row.tokens_single[7] < 257 and row.flop_ratio_single > 1.2
+    assert 0 < row.speed_single.ratio and 0 < row.bound_single.ratio
+    assert 0.5 < row.cls_cosine <= 1.0
+    text = console.export_text()
+    assert "merge-free" in text and "MaMe τ=0.8" in text
+    assert (tmp_path / "merge_map.png").stat().st_size > 10_000
