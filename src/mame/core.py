@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 PartitionName = Literal["alternating", "sequential", "random"]
 BatchRule = Literal["any", "per_sample"]
@@ -131,7 +130,11 @@ def fusion_weights(
     """
     if x_dst.dtype in (torch.float16, torch.bfloat16):
         x_dst, x_src = x_dst.float(), x_src.float()
-    similarity = F.normalize(x_dst, dim=-1) @ F.normalize(x_src, dim=-1).mT  # eq 2
+    # Eq 2, with F.normalize's norm floor: dividing the (M, N) dot products by the norms writes less memory than
+    # normalising the (M, d) and (N, d) tokens first (d > N for ViTs).
+    norm_dst = torch.linalg.vector_norm(x_dst, dim=-1, keepdim=True).clamp_min(1e-12)
+    norm_src = torch.linalg.vector_norm(x_src, dim=-1, keepdim=True).clamp_min(1e-12)
+    similarity = (x_dst @ x_src.mT) / (norm_dst * norm_src.mT)
     # Eq 3 with the cosine clamped to 1 first (rounding can push it past 1, and tau = 1 would then still merge):
     # relu(min(s, 1) - tau) = clamp(s - tau, 0, 1 - tau). In-place steps below only touch fresh temporaries whose
     # old values autograd does not need; they save a buffer each, which counts at one image per call.
@@ -177,8 +180,9 @@ class FusionPlan:
     mask: torch.Tensor | None
     lengths: torch.Tensor
     size_weighted: bool
-    # (B, L') index into the candidate list [specials, destinations, sources]; None for the uniform fast path.
-    _gather: torch.Tensor | None = None
+    # (B * L',) row of every output token in the candidates [specials, destinations, sources, one zero row] of all
+    # samples stacked as (B * (S + M + N + 1), c); None for the uniform fast path.
+    _gather_rows: torch.Tensor | None = None
     # (N',) indices of the kept sources when every sample keeps the same ones (batch rule "any", no padding).
     _kept_src: torch.Tensor | None = None
     # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
@@ -228,9 +232,12 @@ class FusionPlan:
             fused = torch.baddbmm(t_dst, w, t_src) / w.sum(dim=-1, keepdim=True).add_(1)  # eq 9
         if self._kept_src is not None:
             return torch.cat([t[:, :s], fused, t_src.index_select(1, self._kept_src)], dim=1)  # eq 10
-        # The last candidate is a zero row: padding slots gather it, so no masking pass is needed afterwards.
-        candidates = torch.cat([t[:, :s], fused, t_src, t.new_zeros(t.shape[0], 1, t.shape[-1])], dim=1)
-        return candidates.gather(1, self._gather.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        # The last candidate is a zero row: padding slots take it, so no masking pass is needed afterwards. Whole rows
+        # are picked with index_select (a row copy each), 5x faster than gather with an index per element.
+        batch, channels = t.shape[0], t.shape[-1]
+        candidates = torch.cat([t[:, :s], fused, t_src, t.new_zeros(batch, 1, channels)], dim=1)
+        picked = candidates.view(-1, channels).index_select(0, self._gather_rows)
+        return picked.view(batch, -1, channels)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Map (B, L', c) back to (B, L, c): each absorbed source receives its destinations' weighted value;
@@ -473,4 +480,5 @@ def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.T
     out_mask = torch.arange(out_len, device=keep.device).unsqueeze(0) < lengths.unsqueeze(1)
     candidate_sizes = torch.cat([sizes_in[:, :s], sizes_dst, split.src(sizes_in), sizes_in.new_zeros(batch, 1)], 1)
     sizes = candidate_sizes.gather(1, gather)
-    return FusionPlan(**plan_kwargs, sizes=sizes, mask=out_mask, lengths=lengths, _gather=gather, _out_pos=out_pos)
+    rows = (gather + torch.arange(batch, device=keep.device).unsqueeze(1) * (num_candidates + 1)).view(-1)
+    return FusionPlan(**plan_kwargs, sizes=sizes, mask=out_mask, lengths=lengths, _gather_rows=rows, _out_pos=out_pos)
