@@ -49,6 +49,13 @@ def randomise_layerscale(model: nn.Module, seed: int = 3) -> None:
                 ls.gamma.copy_(0.2 + 0.6 * torch.rand(ls.gamma.shape, generator=gen))
 
 
+def layerscale_vit() -> nn.Module:
+    """DINOv2-like (registers, LayerScale) with non-trivial LayerScale gammas."""
+    model = make_vit("dinov2_reg")
+    randomise_layerscale(model)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tau = 1: nothing merges
 
@@ -91,8 +98,7 @@ def test_tau_one_layer_subset_equals_unpatched():
 
 
 def test_proportional_attention_with_unit_sizes_is_plain_attention():
-    model = make_vit("dinov2_reg")
-    randomise_layerscale(model)
+    model = layerscale_vit()
     x = images()
     with torch.no_grad():
         ref = model(x)
@@ -163,8 +169,7 @@ def test_deep_copy_of_patched_model_is_independent(method):
 
 
 def test_patching_twice_second_settings_win_and_one_unpatch_restores():
-    model = make_vit("dinov2_reg")
-    randomise_layerscale(model)
+    model = layerscale_vit()
     x = images()
     with torch.no_grad():
         ref = model(x)
@@ -238,8 +243,7 @@ def duplicated_tokens(batch: int, length: int, num_special: int, seed: int = 5) 
 @pytest.mark.parametrize("batch_rule", ["any", "per_sample"])
 @pytest.mark.parametrize("tau, crafted", [(0.9, True), (0.0, False), (-0.5, False)])
 def test_patched_block_matches_eqs_11_to_13(tau, crafted, batch_rule):
-    model = make_vit("dinov2_reg")
-    randomise_layerscale(model)
+    model = layerscale_vit()
     num_special, length = model.num_prefix_tokens, 5 + 16
     x = duplicated_tokens(2, length, num_special) if crafted \
         else torch.randn(2, length, EMBED, generator=torch.Generator().manual_seed(7))
