@@ -417,8 +417,7 @@ def merge(
     if batch_rule == "any" and batch > 1:
         # A source preserved in any sample is preserved in all (with one sample its column is zero already).
         preserved = preserved.any(dim=0, keepdim=True).expand(batch, -1)
-        weights = weights * (~preserved[:1]).unsqueeze(1)
-        fused_total = fused_total.masked_fill(preserved, 0.0)
+        weights = weights * (~preserved[:1]).unsqueeze(1)  # fused_total keeps those columns: they have no weight
     kept_src = torch.zeros_like(preserved) if discard_preserved else preserved
 
     # Destinations take the sizes of the sources they absorb in proportion to their shares, shares = W / column
@@ -443,7 +442,7 @@ def merge(
         lengths = torch.full((batch,), sizes_out.shape[1], device=device, dtype=torch.long)
         plan = FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept)
     else:
-        nothing_merged = (fused_total == 0).all(dim=1) & (not discard_preserved)
+        nothing_merged = (weights.flatten(1) == 0).all(dim=1) & (not discard_preserved)
         plan = _ragged_plan(plan_kwargs, mask, kept_src, sizes_in, sizes_out_dst, nothing_merged)
     return (x if plan._identity else plan._merge_parts(x, x_dst, x_src)), plan
 
