@@ -201,10 +201,16 @@ def count_flops(model: Callable[..., Any], inputs: Inputs) -> int:
         model: a module or any callable.
         inputs: a tensor (``model(x)``), a tuple/list of positional arguments or a mapping of keyword arguments.
     """
-    counter = FlopCounterMode(display=False, custom_mapping=_sdpa_formulas())
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         _call(model, inputs)
     return int(counter.get_total_flops())
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent `FlopCounterMode` that also scores the fused SDPA kernels (its ``get_flop_counts()`` gives the
+    FLOPs of every submodule, e.g. of each block)."""
+    return FlopCounterMode(display=False, custom_mapping=_sdpa_formulas())
 
 
 # -------------------------------------------------------------------------------------------------------- memory
