@@ -191,10 +191,11 @@ def test_merge_free_copy_rejects_unpatched_model(tiny_vit):
 
 def test_compare_one_at_a_time_with_bound(tiny_vit):
     x = _smooth_images(3)
-    variants = [bench.Variant("none", "none"), bench.Variant("MaMe", "mame", {"tau": 0.5, "layers": DEPTH})]
-    none, mame_result = bench.compare(tiny_vit, x, variants, pairs=3, warmup=1, progress=False, bound=True,
-                                      one_at_a_time=True)
-    assert none.bound is None and none.of_bound is None
+    variants = [bench.Variant("none", "none"), bench.Variant("MaMe", "mame", {"tau": 0.5, "layers": DEPTH}),
+                bench.Variant("no merging blocks", "mame", {"tau": 0.5, "layers": 0})]
+    none, mame_result, no_blocks = bench.compare(tiny_vit, x, variants, pairs=3, warmup=1, progress=False,
+                                                 bound=True, one_at_a_time=True)
+    assert none.bound is None and none.of_bound is None and no_blocks.bound is None
     assert mame_result.bound is not None and mame_result.bound.pairs == 3
     assert mame_result.of_bound == pytest.approx(mame_result.speedup.ratio / mame_result.bound.ratio)
     single_flops = bench.count_flops(tiny_vit, x[:1])

@@ -546,9 +546,9 @@ def compare(
     with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
         overall = bar.add_task("variants", total=len(variants))
         for variant in variants:
-            with_bound = bound and variant.kind != "none"
-            task = bar.add_task(f"  {variant.name}", total=pairs * (2 if with_bound else 1))
             patched = variant.apply(copy.deepcopy(baseline))
+            with_bound = bound and bool(_merging_blocks(patched))  # nothing to make free without merges
+            task = bar.add_task(f"  {variant.name}", total=pairs * (2 if with_bound else 1))
             run_patched = runner(patched)
             with torch.inference_mode():
                 flops = count_flops(run_patched, inputs)
