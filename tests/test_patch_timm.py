@@ -375,16 +375,22 @@ def test_per_sample_batch_equals_batch_of_one(config):
     assert (pre_any[:1] - single).abs().max() > 1e-4
 
 
-def test_avg_pool_is_size_weighted():
+def patched_avg_pool(x: torch.Tensor, tau: float, batch_rule: str):
+    """An avg-pool ViT patched on 3 blocks: (model, features, token state, pooled features) for ``x``."""
     model = make_vit("avg_no_cls")
-    x = images()
     with torch.no_grad():
-        mame.patch.timm(model, tau=0.0, layers=3, batch_rule="any")
+        mame.patch.timm(model, tau=tau, layers=3, batch_rule=batch_rule)
         feat = model.forward_features(x)
-        sizes = model.mame.state.sizes
-        assert feat.shape[1] < 16 and sizes.shape == feat.shape[:2]
-        assert not bool((sizes == sizes[:, :1]).all()), "sizes must differ for the check to mean anything"
-        pooled = model.pool(feat)
+        return model, feat, model.mame.state, model.pool(feat)
+
+
+def test_avg_pool_is_size_weighted():
+    x = images()
+    model, feat, state, pooled = patched_avg_pool(x, tau=0.0, batch_rule="any")
+    sizes = state.sizes
+    assert feat.shape[1] < 16 and sizes.shape == feat.shape[:2]
+    assert not bool((sizes == sizes[:, :1]).all()), "sizes must differ for the check to mean anything"
+    with torch.no_grad():
         pre = model.forward_head(feat, pre_logits=True)
         out = model(x)
     manual = (feat * sizes.unsqueeze(-1)).sum(1) / sizes.sum(1, keepdim=True)
@@ -395,13 +401,7 @@ def test_avg_pool_is_size_weighted():
 
 
 def test_avg_pool_per_sample_ignores_padding():
-    model = make_vit("avg_no_cls")
-    x = mixed_images()
-    with torch.no_grad():
-        mame.patch.timm(model, tau=0.7, layers=3, batch_rule="per_sample")
-        feat = model.forward_features(x)
-        state = model.mame.state
-        pooled = model.pool(feat)
+    _, feat, state, pooled = patched_avg_pool(mixed_images(), tau=0.7, batch_rule="per_sample")
     assert state.mask is not None and not bool(state.mask.all())
     w = state.sizes * state.mask
     manual = (feat * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)

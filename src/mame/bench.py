@@ -341,6 +341,11 @@ class OneAtATime:
                 self.counts.append(runtime.last_token_counts)
         return torch.cat(outputs)
 
+    @property
+    def mean_token_counts(self) -> list[float]:
+        """Tokens after every block, averaged over the samples of the last call (empty for an unpatched model)."""
+        return [statistics.fmean(column) for column in zip(*self.counts)]
+
 
 @dataclass
 class _ReplayMerge:
@@ -372,12 +377,13 @@ def merge_free_copy(patched: nn.Module, call: Callable[[], Any]) -> nn.Module:
         call: runs ``patched`` exactly as it will be timed (e.g. ``lambda: patched(x)``); the copy replays the
             recorded merges in that order, so it must then be called the same way.
     """
-    if not _merging_blocks(patched):
+    blocks = _merging_blocks(patched)
+    if not blocks:
         raise ValueError("the model has no merging blocks: patch it with mame first")
     replay = copy.deepcopy(patched)  # before recording: the copy must not carry the recording wrappers
     records: list[list] = []
     originals = {}
-    for block in _merging_blocks(patched):
+    for block in blocks:
         real, record = block._mame_merger, []
         originals[block] = real
         records.append(record)
@@ -551,13 +557,11 @@ def compare(
             task = bar.add_task(f"  {variant.name}", total=pairs * (2 if with_bound else 1))
             run_patched = runner(patched)
             with torch.inference_mode():
-                flops = count_flops(run_patched, inputs)
-                if one_at_a_time:
-                    _call(run_patched, inputs)
-                    counts = run_patched.counts or [tokens_per_block(baseline, inputs[:1])]
-                    tokens = [statistics.fmean(column) for column in zip(*counts)]
+                flops = count_flops(run_patched, inputs)  # one_at_a_time: this call also leaves the token counts
+                if one_at_a_time and run_patched.counts:
+                    tokens = run_patched.mean_token_counts
                 else:
-                    tokens = tokens_per_block(patched, inputs)
+                    tokens = tokens_per_block(patched, inputs[:1] if one_at_a_time else inputs)
                 peak = peak_memory(lambda: _call(run_patched, inputs), run_device)
                 timed = functools.partial(paired_speedup, pairs=pairs, warmup=warmup, min_time=min_time,
                                           on_pair=lambda _: bar.advance(task))

@@ -89,9 +89,8 @@ def run(
             patched = variant.apply(copy.deepcopy(model))
             bar.update(task, description=f"{variant.name}: one photo at a time")
             single = OneAtATime(patched)
-            single(singles)
-            tokens_single = [sum(column) / len(column) for column in zip(*single.counts)]
-            flop_ratio_single = base_flops / count_flops(single, singles)
+            flop_ratio_single = base_flops / count_flops(single, singles)  # this call also leaves the counts
+            tokens_single = single.mean_token_counts
             advance()
             speed_single = paired_speedup(lambda: base_single(singles), lambda: single(singles), pairs=pairs,
                                           warmup=0, on_pair=advance)
