@@ -5,14 +5,20 @@ and drop-path kept wherever the family has them. An integration only *describes*
 (where the norms, attention, MLP and LayerScale are); it never re-writes the forward, so an upstream change is a
 one-line change in a description, not a drifting copy of the block (what went wrong for ToMe and OpenToMe).
 
-Per-forward state (`TokenState`: token sizes, padding mask, plans) is created at the start of every forward by the
-model wrapper and handed to the blocks through the shared `MergeRuntime`; results are written once at the end.
+Per-forward state (`TokenState`: token sizes, padding mask, plans) belongs to the forward, never to the shared model:
+the model wrapper opens `MergeRuntime.scope` around each forward, the blocks find that forward's state through a
+context variable (so threads sharing one patched model never meet), and replays by activation checkpointing find the
+state each block was handed from the tensor they are replayed on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -56,10 +62,13 @@ class TokenState:
 
     Attributes:
         num_special: leading tokens that never merge.
-        sizes: (B, L) float, original patches each token stands for, or None while every size is 1.
+        sizes: (B, L) float, original patches each token stands for, or None while every size is 1. Detached: no
+            gradient flows through sizes (as in ToMe, whose sizes are counts), so a block replayed by activation
+            checkpointing, which only sees its tensor input, computes exactly the gradients of the first run.
         mask: (B, L) bool, True = real token, or None while no sample is padded.
         plans: one `FusionPlan` per merge (kept when ``keep_plans``), for unmerging and source maps.
         counts: real tokens per sample after every block, as tensors until the forward ends.
+        keys: the attention keys of the running block, for mergers that need them (ToMe), set by a hook.
     """
 
     num_special: int
@@ -68,6 +77,7 @@ class TokenState:
     keep_plans: bool = True
     plans: list = field(default_factory=list)
     counts: list = field(default_factory=list)
+    keys: torch.Tensor | None = None
     _bias_key: tuple | None = field(default=None, repr=False)
     _bias: torch.Tensor | None = field(default=None, repr=False)
 
@@ -115,57 +125,140 @@ class MameMerge:
     seed: int = 0
     size_weighted: bool = False
     eps: float = 1e-6
+    check_finite: bool = False
     needs_keys = False
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
+        if self.check_finite and not bool(torch.isfinite(x if state.mask is None else x[state.mask]).all()):
+            raise ValueError("the tokens reaching a merge contain NaN or Inf (check the input images)")
         y, plan = merge(
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
             size_weighted=self.size_weighted, check=False)
         # Samples of equal length need no padding mask: attention then runs without a bias, the MLP unpacked.
-        state.sizes = plan.sizes
+        state.sizes = plan.sizes.detach()  # bookkeeping, see `TokenState.sizes`
         state.mask = None if plan.mask is None or bool(plan.mask.all()) else plan.mask
         if state.keep_plans:
             state.plans.append(plan)
         return y
 
 
+# The forwards running now, per thread (and per asyncio task): runtime id -> its TokenState. A ContextVar, not an
+# attribute of the shared runtime, so concurrent forwards through one patched model never see each other's state.
+_ACTIVE: ContextVar[dict[int, TokenState]] = ContextVar("mame_active_forwards", default={})
+
+
+@dataclass(frozen=True)
+class _ExitState:
+    """Sizes and padding mask of the tokens a block handed on: what the next block needs to start from them."""
+
+    sizes: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+# Exit state of block outputs that autograd may replay (activation checkpointing re-runs blocks during backward,
+# after the forward has ended) or that a direct block call handed on. Keyed by the output's memory and version, which
+# the detached copies that reentrant checkpointing makes share with it; an entry is dropped when its tensor dies.
+_EXIT_STATES: dict[tuple, _ExitState] = {}
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing replays blocks)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _tensor_key(runtime: "MergeRuntime", x: torch.Tensor) -> tuple:
+    version = -1 if x.is_inference() else x._version
+    return (id(runtime), x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(), version)
+
+
+def _remember_exit(runtime: "MergeRuntime", x: torch.Tensor, state: TokenState) -> None:
+    key = _tensor_key(runtime, x)
+    if key not in _EXIT_STATES:
+        weakref.finalize(x, _EXIT_STATES.pop, key, None)
+    _EXIT_STATES[key] = _ExitState(state.sizes, state.mask)
+
+
 @dataclass
 class MergeRuntime:
-    """Lives at ``model.mame``: the frozen settings and the state of the current (or last) forward.
+    """Lives at ``model.mame``: the frozen settings of the patch; per-forward state lives with each forward.
 
-    The first block of the model starts a fresh `TokenState`, so ``forward``, ``forward_features``,
-    ``forward_intermediates`` and direct calls of the blocks all begin clean; nothing is popped from shared lists.
+    A model-level forward (``forward``, ``forward_features``, ...) runs inside `scope`, which gives it a fresh
+    `TokenState` of its own, visible only to its thread. The results of the last forward (``last_token_counts``,
+    ``last_plans``, ``unmerge``, ``source_map``) are kept per thread. A block called outside a model forward starts
+    clean, unless it is handed the output of a block of the same model that could be replayed (activation
+    checkpointing) or was itself called directly: it then continues from that block's exit state.
     """
 
     settings: object
     layers: tuple[int, ...]
     num_special: int
     packed_mlp: bool = True
-    state: TokenState | None = None
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _last: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         # Copies and pickles of a patched model start clean: the last forward's tensors belong to that forward.
-        return {**self.__dict__, "state": None}
+        return {name: value for name, value in self.__dict__.items() if name != "_last"}
 
-    def begin(self, keep_plans: bool) -> TokenState:
-        self.state = TokenState(num_special=self.num_special, keep_plans=keep_plans)
-        return self.state
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _last=threading.local())
+
+    @contextlib.contextmanager
+    def scope(self, training: bool) -> Iterator[TokenState]:
+        """Run one model-level forward with its own `TokenState` (nested calls, e.g. ``forward`` calling
+        ``forward_features``, share the outer one); on exit it becomes this thread's last forward."""
+        active = _ACTIVE.get()
+        if id(self) in active:
+            yield active[id(self)]
+            return
+        state = TokenState(num_special=self.num_special, keep_plans=not training)
+        token = _ACTIVE.set({**active, id(self): state})
+        try:
+            yield state
+        finally:
+            _ACTIVE.reset(token)
+            self._last.state = state
+
+    def block_state(self, x: torch.Tensor, training: bool) -> tuple[TokenState, bool, Token | None]:
+        """The state a block continues with; whether it must remember its exit state for a later replay; and, for
+        a block called outside a model forward, the token that ends the state's visibility when the block is done
+        (hooks running inside the block, such as ToMe's key capture, find the state as the running one)."""
+        state = _ACTIVE.get().get(id(self))
+        compiling = torch.compiler.is_compiling()
+        if state is not None:
+            return state, not compiling and (torch.is_grad_enabled() or x.requires_grad), None
+        # Outside a model forward: a replay during backward, a direct call or a hand-written loop over the blocks.
+        handed_on = None if compiling else _EXIT_STATES.get(_tensor_key(self, x))
+        state = TokenState(num_special=self.num_special, keep_plans=not training)
+        if handed_on is not None:
+            state.sizes, state.mask = handed_on.sizes, handed_on.mask
+        if not _in_backward():  # a replay recomputes a past forward; it is not the caller's last forward
+            self._last.state = state
+        return state, not compiling, _ACTIVE.set({**_ACTIVE.get(), id(self): state})
+
+    @property
+    def state(self) -> TokenState | None:
+        """The `TokenState` of this thread's running or last forward (None before the first)."""
+        active = _ACTIVE.get().get(id(self))
+        return active if active is not None else getattr(self._last, "state", None)
 
     @property
     def last_token_counts(self) -> list[float]:
-        """Tokens after every block of the last forward (mean over the batch for per-sample merging)."""
-        if self.state is None:
+        """Tokens after every block of this thread's last forward (mean over the batch for per-sample merging)."""
+        state = self.state
+        if state is None:
             return []
-        return [c if isinstance(c, int) else float(c.float().mean()) for c in self.state.counts]
+        return [c if isinstance(c, int) else float(c.float().mean()) for c in state.counts]
 
     @property
     def last_plans(self) -> list[FusionPlan]:
-        return [] if self.state is None else list(self.state.plans)
+        """The `FusionPlan` of every merge of this thread's last forward (empty after a training forward)."""
+        state = self.state
+        return [] if state is None else list(state.plans)
 
     def unmerge(self, features: torch.Tensor) -> torch.Tensor:
-        """Map per-token outputs of the last forward (B, L', c) back to the full token grid (B, L, c)."""
+        """Map per-token outputs of this thread's last forward (B, L', c) back to the full token grid (B, L, c)."""
         state = self.state
         if state is None:
             raise RuntimeError("run a forward pass before unmerging")
@@ -177,7 +270,7 @@ class MergeRuntime:
 
     @property
     def source_map(self) -> torch.Tensor | None:
-        """(B, L) for each original token, the index of the token that holds it after the last forward
+        """(B, L) for each original token, the index of the token that holds it after this thread's last forward
         (-1 for discarded tokens), or None when nothing was merged or plans were not kept."""
         plans = self.last_plans
         if not plans:
@@ -197,15 +290,27 @@ def block_forward(
     proportional_attention: bool,
 ) -> torch.Tensor:
     """Eqs 11-13 with LayerScale and drop-path: attention branch, merge, MLP branch."""
-    state = runtime.state
-    if getattr(block, "_mame_index", None) == 0 or state is None:
-        state = runtime.begin(keep_plans=not block.training)
+    state, remember, visible = runtime.block_state(x, block.training)
+    try:
+        x = _block_branches(block, x, layout, runtime, merger, proportional_attention, state)
+    finally:
+        if visible is not None:
+            _ACTIVE.reset(visible)
+    state.record(x)
+    if remember:
+        _remember_exit(runtime, x, state)
+    return x
+
+
+def _block_branches(block: nn.Module, x: torch.Tensor, layout: BlockLayout, runtime: MergeRuntime,
+                    merger: Merger | None, proportional_attention: bool, state: TokenState) -> torch.Tensor:
     part = layout.part
     bias = state.attention_bias(x, proportional_attention)
     x = x + part(block, layout.drop_path1)(part(block, layout.ls1)(
         layout.call_attention(getattr(block, layout.attn), part(block, layout.norm1)(x), bias)))
     if merger is not None:
-        x = merger(x, state, block.__dict__.pop("_mame_keys", None))  # popped: no stale keys kept after a forward
+        keys, state.keys = state.keys, None  # handed over once: no stale keys kept after the merge
+        x = merger(x, state, keys)
 
     def mlp_branch(t: torch.Tensor) -> torch.Tensor:
         return part(block, layout.drop_path2)(part(block, layout.ls2)(getattr(block, layout.mlp)(
@@ -215,8 +320,5 @@ def block_forward(
     if mask is not None and runtime.packed_mlp and not block.training:
         # Ragged batch: run the MLP (two thirds of a block's FLOPs) on the real tokens only.
         real = x[mask]
-        x = x.masked_scatter(mask.unsqueeze(-1), real + mlp_branch(real.unsqueeze(0)).squeeze(0))
-    else:
-        x = x + mlp_branch(x)
-    state.record(x)
-    return x
+        return x.masked_scatter(mask.unsqueeze(-1), real + mlp_branch(real.unsqueeze(0)).squeeze(0))
+    return x + mlp_branch(x)

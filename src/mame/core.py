@@ -75,7 +75,7 @@ def _build_partition(
     count = num_tokens - num_special
     if partition == "alternating":
         # Every k-th token is a destination; k = 2 gives the paper's odd positions (0-based after the specials).
-        stride = max(1, round(1.0 / dst_ratio))
+        stride = round(1.0 / dst_ratio)
         is_dst = (torch.arange(count) % stride) == stride - 1
     else:
         num_dst = min(count, max(0, round(count * dst_ratio)))
@@ -111,6 +111,9 @@ def partition_indices(
     Returns:
         ``(dst_idx, src_idx)``: sorted absolute positions (M,) and (N,).
     """
+    check_partition(partition, dst_ratio)
+    if not 0 <= num_special < num_tokens:
+        raise ValueError(f"num_special must be in [0, num_tokens) = [0, {num_tokens}), got {num_special!r}")
     split = token_split(num_tokens, num_special, partition, float(dst_ratio), seed, str(torch.device(device or "cpu")))
     return split.dst_idx, split.src_idx
 
@@ -291,25 +294,76 @@ class FusionPlan:
 
 def check_options(partition: str, batch_rule: str, causal: bool | str, dst_ratio: float = 0.5) -> None:
     """Raise a ValueError naming the argument when a string option or ``dst_ratio`` is not one we know."""
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
     if batch_rule not in BATCH_RULES:
         raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
     if causal not in (False, True) + CAUSAL_MODES:
         raise ValueError(f"causal must be False, True (= 'paper') or one of {CAUSAL_MODES}, got {causal!r}")
-    if not 0.0 < dst_ratio < 1.0:
-        raise ValueError(f"dst_ratio must be in (0, 1), got {dst_ratio!r}")
+    check_partition(partition, dst_ratio)
 
 
-def _check_aligned(x: torch.Tensor, sizes: torch.Tensor | None, mask: torch.Tensor | None,
-                   metric: torch.Tensor | None) -> None:
-    if metric is not None and metric.shape[:2] != x.shape[:2]:
-        raise ValueError(f"metric must match x in (B, L) = {tuple(x.shape[:2])}, got {tuple(metric.shape)}")
+def check_partition(partition: str, dst_ratio: float) -> None:
+    """Raise a ValueError naming the argument for an unknown partition or a ``dst_ratio`` it cannot make."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if isinstance(dst_ratio, bool) or not isinstance(dst_ratio, (int, float)) or not 0.0 < dst_ratio < 1.0:
+        raise ValueError(f"dst_ratio must be a number in (0, 1), got {dst_ratio!r}")
+    if partition == "alternating":
+        # Every k-th token is a destination, so only 1/k ratios exist; rounding 0.9 to k = 1 would make every token
+        # a destination and silently merge nothing.
+        stride = round(1.0 / dst_ratio)
+        if stride < 2 or abs(1.0 / stride - dst_ratio) > 1e-3:
+            raise ValueError(f"dst_ratio must be 1/k for an integer k >= 2 with partition='alternating' (every k-th "
+                             f"token is a destination), got {dst_ratio!r}; use partition='sequential' or 'random' "
+                             "for other ratios")
+
+
+def check_tau(tau: float, name: str = "tau") -> float:
+    """``tau`` as a float, refused with a TypeError/ValueError naming ``name`` unless it is a number in [-1, 1]."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"{name} must be a number in [-1, 1] (a cosine-similarity threshold), got {tau!r}")
+    if math.isnan(tau) or not -1.0 <= tau <= 1.0:
+        raise ValueError(f"{name} must lie in [-1, 1] (a cosine-similarity threshold), got {tau!r}")
+    return float(tau)
+
+
+def _check_aligned(x: torch.Tensor, num_special: int, partition: str, sizes: torch.Tensor | None,
+                   mask: torch.Tensor | None, metric: torch.Tensor | None) -> None:
+    if metric is not None:
+        if not isinstance(metric, torch.Tensor) or metric.dim() != 3 or metric.shape[:2] != x.shape[:2]:
+            raise ValueError(f"metric must be a (B, L, k) tensor with (B, L) = {tuple(x.shape[:2])}, got "
+                             f"{tuple(getattr(metric, 'shape', ()))}")
+        if not metric.is_floating_point():
+            raise TypeError(f"metric must be a floating-point tensor, got {metric.dtype}")
     for name, value in (("sizes", sizes), ("mask", mask)):
-        if value is not None and value.shape != x.shape[:2]:
-            raise ValueError(f"{name} must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(value.shape)}")
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != x.shape[:2]):
+            raise ValueError(f"{name} must be a tensor of shape (B, L) = {tuple(x.shape[:2])}, got "
+                             f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+    real = None
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+        lengths = mask.sum(dim=1)
+        if bool((lengths <= num_special).any()):
+            raise ValueError("mask: every sample needs its special tokens and at least one other real token; "
+                             f"rows {(lengths <= num_special).nonzero().flatten().tolist()} have none")
+        prefix = torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)
+        if not torch.equal(mask, prefix):
+            raise ValueError("mask: the real tokens of each sample must come first (True ... True False ... False); "
+                             f"rows {(mask != prefix).any(1).nonzero().flatten().tolist()} are not a prefix")
+        if partition != "alternating":
+            # These partitions depend on the sample's length, so a padded sample would be split differently from
+            # the same sample alone; the alternating partition of a prefix does not depend on what follows it.
+            raise ValueError(f"partition={partition!r} cannot take a padding mask: it splits a padded sample "
+                             "differently from the same sample alone; use partition='alternating'")
+        real = mask
+    if sizes is not None:
+        if sizes.dtype == torch.bool or sizes.is_complex():
+            raise TypeError(f"sizes must be a real-valued tensor, got {sizes.dtype}")
+        sizes = sizes.float()
+        if not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any()):
+            raise ValueError("sizes must be finite and non-negative (how many original tokens each token stands for)")
+        if bool((sizes == 0)[real if real is not None else torch.ones_like(sizes, dtype=torch.bool)].any()):
+            raise ValueError("sizes must be positive on real tokens (size 0 is for padding only)")
 
 
 def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str, batch_rule: str, causal,
@@ -320,13 +374,12 @@ def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str,
         raise ValueError(f"x must be 3-D (B, L, d), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
-    if not isinstance(num_special, int) or not 0 <= num_special < x.shape[1]:
+    if isinstance(num_special, bool) or not isinstance(num_special, int) or not 0 <= num_special < x.shape[1]:
         raise ValueError(f"num_special must be an int in [0, L) with L = {x.shape[1]}, got {num_special!r}")
-    if not isinstance(tau, (int, float)) or math.isnan(tau) or not -1.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be a number in [-1, 1] (a cosine-similarity threshold), got {tau!r}")
+    check_tau(tau)
     check_options(partition, batch_rule, causal, dst_ratio)
-    if torch.isnan(x).any():
-        raise ValueError("x contains NaN")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf")
 
 
 def merge(
@@ -367,14 +420,16 @@ def merge(
         eps: the epsilon of eqs 4-8.
         dst_ratio: share of non-special tokens that are destinations (0.5 = the paper's 2:1 split).
         seed: seed for ``partition="random"``.
-        sizes: (B, L) how many original tokens each input token stands for (default ones); carried forward.
-        mask: (B, L) bool, True = real token, for padded input (real tokens first in each sample). Padding never
-            merges and is dropped from the output.
+        sizes: (B, L) how many original tokens each input token stands for (default ones; finite, positive on real
+            tokens); carried forward.
+        mask: (B, L) bool, True = real token, for padded input (real tokens first in each sample, specials
+            included, at least one other real token). Padding never merges and is dropped from the output. Only the
+            alternating partition takes a mask: the others split a padded sample differently from the sample alone.
         metric: (B, L, k) features used for the similarity instead of ``x`` (the paper uses the tokens themselves).
         size_weighted: weigh each token by its size when fusing (beyond the paper; equal to eq 9 when sizes are 1).
         discard_preserved: drop preserved sources instead of keeping them (the downsampling layer of hierarchical
             models, section 4: "we had to discard the preserved source tokens").
-        check: validate the arguments and scan ``x`` for NaN; patched blocks check their settings once at patch
+        check: validate the arguments and scan ``x`` for NaN and Inf; patched blocks check their settings once at patch
             time and pass False, since the NaN scan alone costs a pass over the tokens in every block.
 
     Returns:
@@ -382,7 +437,7 @@ def merge(
     """
     if check:
         _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio)
-        _check_aligned(x, sizes, mask, metric)
+        _check_aligned(x, num_special, partition, sizes, mask, metric)
     batch, length, _ = x.shape
     device = x.device
     split = token_split(length, num_special, partition, float(dst_ratio), seed, str(device))

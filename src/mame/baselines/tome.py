@@ -71,41 +71,31 @@ class ToMeMerge:
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
         if state.mask is not None:
             raise ValueError("ToMe merges the same number of tokens in every sample and cannot follow padding")
-        x, state.sizes = merge_weighted(x, state.ones_sizes(x), keys, self.r, state.num_special)
+        x, sizes = merge_weighted(x, state.ones_sizes(x), keys, self.r, state.num_special)
+        state.sizes = sizes.detach()  # bookkeeping, see `TokenState.sizes`
         return x
 
 
 @dataclass
 class _KeyCapture:
-    """Forward hook on ``attn.qkv`` that leaves the keys, averaged over heads, in ``block._mame_keys``.
+    """Forward hook on ``attn.qkv`` that hands the keys, averaged over heads, to the running forward's state (never
+    to the shared block, which concurrent forwards would overwrite).
 
-    An object rather than a closure, so that a deep copy of a patched model writes into its own blocks."""
+    An object rather than a closure, so that a deep copy of a patched model writes into its own runtime."""
 
-    block: nn.Module
+    runtime: MergeRuntime
     heads: int
     head_dim: int
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         batch, tokens, _ = output.shape
-        keys = output.view(batch, tokens, 3, self.heads, self.head_dim)[:, :, 1].mean(2)
-        object.__setattr__(self.block, "_mame_keys", keys)
+        self.runtime.state.keys = output.view(batch, tokens, 3, self.heads, self.head_dim)[:, :, 1].mean(2)
 
 
-@dataclass
-class _KeyCaptureHandle:
-    block: nn.Module
-    handle: torch.utils.hooks.RemovableHandle
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.block.__dict__.pop("_mame_keys", None)
-
-
-def _capture_keys(block: nn.Module) -> _KeyCaptureHandle:
-    """Make the block's attention leave its keys in ``block._mame_keys`` (ToMe's metric)."""
+def _capture_keys(block: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make the block's attention hand its keys to the running forward (ToMe's metric)."""
     attn = block.attn
-    handle = attn.qkv.register_forward_hook(_KeyCapture(block, attn.num_heads, attn.head_dim))
-    return _KeyCaptureHandle(block, handle)
+    return attn.qkv.register_forward_hook(_KeyCapture(block._mame_runtime, attn.num_heads, attn.head_dim))
 
 
 def parse_r(r: int | Sequence[int], depth: int) -> tuple[int, ...]:

@@ -17,7 +17,37 @@ from mame.blocks import BlockLayout, Merger, MergeRuntime, block_forward
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-class PatchedBlock:
+def patched_class(mixin: type, parent: type) -> type:
+    """The subclass of ``parent`` with ``mixin`` in front, made once per pair."""
+    key = (mixin, parent)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Mame{parent.__name__}", (mixin, parent), {})
+    return _SUBCLASSES[key]
+
+
+def _new_patched(mixin: type, parent: type) -> nn.Module:
+    cls = patched_class(mixin, parent)
+    return cls.__new__(cls)
+
+
+class Picklable:
+    """Base of the mixins: a patched module pickles (``torch.save``, ``copy.deepcopy``) as "mixin + parent class",
+    both importable, since the subclass made at patch time has no importable name of its own."""
+
+    def __reduce_ex__(self, protocol):
+        mixin, parent = type(self).__bases__
+        return _new_patched, (mixin, parent), self.__getstate__()
+
+
+class ScopedForward(Picklable):
+    """Mixin for the patched model: every model-level forward runs with per-forward state of its own."""
+
+    def forward(self, *args, **kwargs):
+        with self.mame.scope(self.training):
+            return super().forward(*args, **kwargs)
+
+
+class PatchedBlock(Picklable):
     """Mixin put in front of a block's own class; the forward is the shared `block_forward`."""
 
     def forward(self, x, *args, **kwargs):
@@ -53,10 +83,7 @@ class _RemoveAttributes:
 def swap_class(module: nn.Module, mixin: type, runtime: MergeRuntime) -> None:
     """Give ``module`` a subclass of its own class with ``mixin`` in front, undone by ``runtime.undo``."""
     parent = type(module)
-    key = (mixin, parent)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"Mame{parent.__name__}", (mixin, parent), {})
-    module.__class__ = _SUBCLASSES[key]
+    module.__class__ = patched_class(mixin, parent)
     runtime.undo.append(_RestoreClass(module, parent))
 
 
@@ -74,26 +101,25 @@ def install(
     mergers: dict[int, Merger],
     runtime: MergeRuntime,
     proportional_attention: bool = False,
-    model_mixin: type | None = None,
+    model_mixin: type[ScopedForward] = ScopedForward,
     key_hook=None,
 ) -> nn.Module:
     """Patch ``blocks`` in place; every block is patched so padding and sizes carry through the unmerged ones too.
 
     Args:
-        key_hook: ``key_hook(block) -> handle`` that makes the block's attention leave its keys in
-            ``block._mame_keys`` (only for mergers with ``needs_keys``, e.g. ToMe); the handle is removed on unpatch.
+        key_hook: ``key_hook(block) -> handle`` that makes the block's attention hand its keys to the running
+            forward's ``TokenState.keys`` (only for mergers with ``needs_keys``, e.g. ToMe); the handle is removed on unpatch.
     """
     unpatch(model)
     for index, block in enumerate(blocks):
         merger = mergers.get(index)
         set_attributes(block, runtime, _mame_layout=layout, _mame_runtime=runtime, _mame_merger=merger,
-                       _mame_proportional=proportional_attention, _mame_index=index)
+                       _mame_proportional=proportional_attention)
         swap_class(block, PatchedBlock, runtime)
         if merger is not None and merger.needs_keys:
             handle = key_hook(block)
             runtime.undo.append(handle.remove)
-    if model_mixin is not None:
-        swap_class(model, model_mixin, runtime)
+    swap_class(model, model_mixin, runtime)
     set_attributes(model, runtime, mame=runtime)
     return model
 

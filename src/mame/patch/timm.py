@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from mame.blocks import BlockLayout, MameMerge, Merger, MergeRuntime
-from mame.core import check_options
-from mame.patch.base import install
+from mame.core import check_options, check_tau
+from mame.patch.base import ScopedForward, install
 
 TIMM_LAYOUT = BlockLayout()
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map", "")
@@ -61,30 +61,57 @@ def resolve_layers(layers: int | Sequence[int], depth: int) -> tuple[int, ...]:
 
 def resolve_taus(tau: float | Sequence[float], count: int) -> tuple[float, ...]:
     """``tau`` as one value per patched block, each checked to lie in [-1, 1]."""
-    taus = (tau,) * count if isinstance(tau, (int, float)) else tuple(tau)
+    if isinstance(tau, (int, float)):
+        taus = (tau,) * count
+    elif isinstance(tau, Sequence) and not isinstance(tau, str):
+        taus = tuple(tau)
+    else:
+        raise TypeError(f"tau must be a number in [-1, 1] or one per patched block, got {tau!r}")
     if len(taus) != count:
         raise ValueError(f"tau must be a float or one value per patched block ({count}), got {len(taus)} values")
-    for value in taus:
-        if not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
-            raise ValueError(f"tau must lie in [-1, 1] (a cosine-similarity threshold), got {value!r}")
-    return tuple(float(v) for v in taus)
+    return tuple(check_tau(value) for value in taus)
 
 
 def mame_mergers(
     layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
-    causal: bool | str, size_weighted: bool,
+    causal: bool | str, size_weighted: bool, check: bool = False,
 ) -> dict[int, Merger]:
     """One checked `MameMerge` per patched block."""
     check_options(partition, batch_rule, causal)
+    if batch_rule == "per_sample" and partition != "alternating" and len(layers) > 1:
+        # After the first merge the batch is ragged, and these partitions would split each padded sample
+        # differently from the same sample alone (see `mame.merge`'s mask).
+        raise ValueError(f"partition={partition!r} with batch_rule='per_sample' can merge in one block only (it "
+                         "cannot split a padded sample as it would split it alone); use partition='alternating' or "
+                         "batch_rule='any'")
     return {
         index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
-                         size_weighted=size_weighted)
+                         size_weighted=size_weighted, check_finite=check)
         for index, t in zip(layers, taus)
     }
 
 
-class PatchedViT:
-    """Mixin for timm `VisionTransformer`: size- and padding-aware pooling."""
+class PatchedViT(ScopedForward):
+    """Mixin for timm `VisionTransformer`: per-forward state around each entry point, size- and padding-aware
+    pooling, and intermediates only where the tokens still form the patch grid."""
+
+    def forward_features(self, *args, **kwargs):
+        with self.mame.scope(self.training):
+            return super().forward_features(*args, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, *args, **kwargs):
+        from timm.models._features import feature_take_indices
+
+        taken, _ = feature_take_indices(len(self.blocks), indices)
+        merging = [i for i, block in enumerate(self.blocks) if block.__dict__.get("_mame_merger") is not None]
+        after_merge = [i for i in taken if merging and i >= merging[0]]
+        if after_merge:
+            raise ValueError(
+                f"forward_intermediates: blocks {after_merge} come after the first merge (block {merging[0]}), so "
+                "their tokens no longer form the patch grid; take intermediates from earlier blocks, or use "
+                "forward_features and model.mame.unmerge for dense features")
+        with self.mame.scope(self.training):
+            return super().forward_intermediates(x, indices, *args, **kwargs)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         state = self.mame.state
@@ -121,6 +148,7 @@ def patch_timm(
     size_weighted: bool = False,
     proportional_attention: bool = True,
     packed_mlp: bool = True,
+    check: bool = False,
 ) -> nn.Module:
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
 
@@ -141,6 +169,9 @@ def patch_timm(
             attention weight of the patches it stands for. On by default: it raised k-NN / probe accuracy at
             τ = 0.7, 0.8 and 0.975 (`mame eval`); with all sizes 1 it is exactly plain attention.
         packed_mlp: on ragged batches run the MLP on real tokens only.
+        check: scan the tokens for NaN and Inf before every merge and raise a ValueError. Off by default, like
+            the patched forward's other checks (one pass over the tokens per merge); without it NaN input gives NaN
+            output, as in the unpatched model.
 
     Returns:
         the same model, patched; ``model.mame`` holds the settings and ``model.mame.last_token_counts``.
@@ -150,7 +181,7 @@ def patch_timm(
     indices = resolve_layers(layers, depth)
     taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
-                           size_weighted=size_weighted)
+                           size_weighted=size_weighted, check=check)
     settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
                     size_weighted=size_weighted, proportional_attention=proportional_attention)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens,
