@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mame
 from mame import fusion_weights, merge, partition_indices
+from mame.core import PARTITIONS
 
 EPS = 1e-6  # the library's default epsilon of eqs 4-8
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -699,6 +700,50 @@ def test_padded_input_equals_unpadded_runs(seed, batch, length, dim, tau, num_sp
         torch.testing.assert_close(y_any, y, atol=0, rtol=0)
 
 
+@PROPERTY
+@given(**token_setup, data=st.data(), partition=st.sampled_from(PARTITIONS), stride=st.integers(2, 4),
+       prune=st.booleans(), size_weighted=st.booleans(), causal=st.sampled_from([False, "paper", "strict"]),
+       discard_preserved=st.booleans(), padded=st.booleans(), with_sizes=st.booleans())
+def test_per_sample_equals_batch_of_one_over_two_merges(seed, batch, length, dim, tau, num_special, data, partition,
+                                                        stride, prune, size_weighted, causal, discard_preserved,
+                                                        padded, with_sizes):
+    """Two merges in a row, as in a patched model: the second one sees the ragged output of the first. Every
+    sample's tokens, sizes and source map equal those it gets alone, for every option; a partition that cannot
+    promise this (it depends on the padded length) is refused with a ValueError instead."""
+    num_special = min(num_special, length - 1)
+    x = make_tokens(seed, batch, length, dim)
+    real = [data.draw(st.integers(num_special + 1, length)) if padded else length for _ in range(batch)]
+    mask = torch.tensor([[p < n for p in range(length)] for n in real]) if padded else None
+    sizes = None
+    if with_sizes:
+        sizes = 1 + torch.rand(batch, length, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+        sizes = sizes if mask is None else sizes * mask
+    options = dict(tau=tau, num_special=num_special, partition=partition, prune=prune, causal=causal,
+                   dst_ratio=1 / stride, size_weighted=size_weighted, discard_preserved=discard_preserved)
+    if partition != "alternating":
+        if mask is not None:
+            with pytest.raises(ValueError, match="cannot take a padding mask"):
+                merge(x, mask=mask, sizes=sizes, batch_rule="per_sample", **options)
+            return
+        options["dst_ratio"] = 0.5
+    y1, plan1 = merge(x, mask=mask, sizes=sizes, batch_rule="per_sample", **options)
+    assume(bool((plan1.lengths > num_special).all()))  # discard_preserved can leave nothing to merge a second time
+    if plan1.mask is not None and partition != "alternating":
+        with pytest.raises(ValueError, match="cannot take a padding mask"):
+            merge(y1, mask=plan1.mask, sizes=plan1.sizes, batch_rule="per_sample", **options)
+        return
+    y2, plan2 = merge(y1, mask=plan1.mask, sizes=plan1.sizes, batch_rule="per_sample", **options)
+    for b in range(batch):
+        alone_sizes = None if sizes is None else sizes[b : b + 1, : real[b]]
+        a1, p1 = merge(x[b : b + 1, : real[b]], sizes=alone_sizes, **options)
+        a2, p2 = merge(a1, sizes=p1.sizes, **options)
+        n = a2.shape[1]
+        assert int(plan2.lengths[b]) == n
+        torch.testing.assert_close(y2[b, :n], a2[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(plan2.sizes[b, :n], p2.sizes[0], atol=1e-12, rtol=0)
+        assert torch.equal(plan2.source_map[b, : p1.num_tokens_out], p2.source_map[0])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients and low precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -768,6 +813,12 @@ def test_half_precision(dtype, atol, batch_rule):
 X_OK = torch.randn(2, 5, 3)
 
 
+def _with_inf(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0, 1, 2] = float("-inf")
+    return x
+
+
 def _with_nan(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     x[1, 2, 0] = float("nan")
@@ -794,12 +845,49 @@ def _with_nan(x: torch.Tensor) -> torch.Tensor:
     (dict(mask=torch.ones(2, 5)), TypeError, "mask"),
     (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
     (dict(sizes=torch.ones(2, 6)), ValueError, "sizes"),
+    (dict(x=_with_inf(X_OK)), ValueError, r"\bx\b.*Inf"),
+    (dict(tau=True), TypeError, "tau"),
+    (dict(tau="0.8"), TypeError, "tau"),
+    (dict(num_special=True), ValueError, "num_special"),
+    (dict(dst_ratio=0.9), ValueError, r"dst_ratio.*1/k"),
+    (dict(dst_ratio=0.3), ValueError, r"dst_ratio.*1/k"),
+    (dict(dst_ratio=True, partition="sequential"), ValueError, "dst_ratio"),
+    (dict(mask=torch.tensor([[True] * 5, [True, False, False, False, False]]), num_special=2), ValueError,
+     r"mask.*rows \[1\] have none"),
+    (dict(mask=torch.tensor([[True] * 5, [False] * 5])), ValueError, r"mask.*rows \[1\] have none"),
+    (dict(mask=torch.tensor([[True] * 5, [True, False, True, True, False]])), ValueError,
+     r"mask.*rows \[1\] are not a prefix"),
+    (dict(mask=torch.tensor([[True] * 5, [True] * 3 + [False] * 2]), partition="sequential"), ValueError,
+     r"partition='sequential' cannot take a padding mask"),
+    (dict(sizes=torch.tensor([[1.0, -1.0, 1, 1, 1], [1.0] * 5])), ValueError, r"sizes.*non-negative"),
+    (dict(sizes=torch.tensor([[1.0, float("nan"), 1, 1, 1], [1.0] * 5])), ValueError, r"sizes.*finite"),
+    (dict(sizes=torch.tensor([[1.0, 0.0, 1, 1, 1], [1.0] * 5])), ValueError, r"sizes.*positive on real tokens"),
+    (dict(sizes=torch.ones(2, 5, dtype=torch.bool)), TypeError, "sizes"),
+    (dict(metric=torch.ones(2, 5, 3, dtype=torch.long)), TypeError, "metric"),
+    (dict(metric=torch.ones(2, 4, 3)), ValueError, "metric"),
 ])
 def test_bad_input_names_the_argument(kwargs, error, pattern):
     kwargs = dict(kwargs)
     x = kwargs.pop("x", X_OK)
     with pytest.raises(error, match=pattern):
         merge(x, **kwargs)
+
+
+def test_padding_may_have_size_zero():
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    sizes = mask.float()
+    _, plan = merge(X_OK, tau=0.0, mask=mask, sizes=sizes, batch_rule="per_sample")
+    torch.testing.assert_close(plan.sizes.sum(1), sizes.sum(1))
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(partition="spiral"), ValueError, "partition"),
+    (dict(dst_ratio=0.9), ValueError, "dst_ratio"),
+    (dict(num_special=10), ValueError, "num_special"),
+])
+def test_partition_indices_refuses_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        partition_indices(**{"num_tokens": 10, "num_special": 1, **kwargs})
 
 
 def test_public_api_exports():

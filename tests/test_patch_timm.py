@@ -421,14 +421,49 @@ def test_rejects_non_vit_models():
 
 @pytest.mark.parametrize("layers", [4, -1, [3], [0, 0], [-1]])
 def test_rejects_layers_out_of_range(layers):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="layers"):
         mame.patch.timm(make_vit("deit", depth=3), tau=0.5, layers=layers)
 
 
-@pytest.mark.parametrize("tau", [1.5, -1.01, float("nan"), [0.5, 2.0, 0.5]])
-def test_rejects_tau_outside_range(tau):
-    with pytest.raises(ValueError):
-        mame.patch.timm(make_vit("deit"), tau=tau, layers=3)
+@pytest.mark.parametrize("layers", [True, 2.5, "3", None])
+def test_rejects_layers_of_the_wrong_type(layers):
+    with pytest.raises(TypeError, match="layers"):
+        mame.patch.timm(make_vit("deit", depth=3), tau=0.5, layers=layers)
+
+
+@pytest.mark.parametrize("tau, error", [(1.5, ValueError), (-1.01, ValueError), (float("nan"), ValueError),
+                                        ([0.5, 2.0, 0.5], ValueError), ([0.5, 0.5], ValueError),
+                                        (True, TypeError), ("0.8", TypeError), ([0.5, None, 0.5], TypeError)])
+def test_rejects_bad_tau(tau, error):
+    model = make_vit("deit")
+    with pytest.raises(error, match="tau"):
+        mame.patch.timm(model, tau=tau, layers=3)
+    _assert_pristine(model)
+
+
+def test_rejects_length_dependent_partition_with_per_sample_merging_in_several_blocks():
+    """sequential/random split a padded sample differently from the sample alone, so only one merging block (whose
+    input is never ragged) or the paper's batch rule can keep the per-sample promise."""
+    with pytest.raises(ValueError, match="partition='sequential' with batch_rule='per_sample'"):
+        mame.patch.timm(make_vit("deit"), tau=0.5, layers=2, partition="sequential")
+    for options in (dict(layers=[1], batch_rule="per_sample"), dict(layers=3, batch_rule="any")):
+        model = mame.patch.timm(make_vit("deit"), tau=0.0, partition="random", **options)
+        x = images(3)
+        with torch.no_grad():
+            batch = model(x)
+            singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
+        if options["batch_rule"] == "per_sample":
+            torch.testing.assert_close(batch, singles, atol=1e-5, rtol=0)
+
+
+def test_check_refuses_non_finite_images_and_is_off_by_default():
+    bad = images()
+    bad[1, 0, 3, 3] = float("nan")
+    with torch.no_grad():
+        out = mame.patch.timm(make_vit("deit"), tau=0.5, layers=3)(bad)  # documented: NaN in, NaN out
+        assert out[1].isnan().all() and not out[0].isnan().any()
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            mame.patch.timm(make_vit("deit"), tau=0.5, layers=3, check=True)(bad)
 
 
 def test_rejects_bad_batch_rule_and_leaves_model_untouched():

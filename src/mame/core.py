@@ -343,9 +343,10 @@ def _check_aligned(x: torch.Tensor, num_special: int, partition: str, sizes: tor
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
         lengths = mask.sum(dim=1)
-        if bool((lengths <= num_special).any()):
-            raise ValueError("mask: every sample needs its special tokens and at least one other real token; "
-                             f"rows {(lengths <= num_special).nonzero().flatten().tolist()} have none")
+        empty = (lengths == 0) | (lengths < num_special)
+        if bool(empty.any()):
+            raise ValueError(f"mask: every sample needs at least one real token and its {num_special} special tokens; "
+                             f"rows {empty.nonzero().flatten().tolist()} have none")
         prefix = torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)
         if not torch.equal(mask, prefix):
             raise ValueError("mask: the real tokens of each sample must come first (True ... True False ... False); "

@@ -46,13 +46,17 @@ def check_model(model: nn.Module) -> None:
 
 def resolve_layers(layers: int | Sequence[int], depth: int) -> tuple[int, ...]:
     """``layers`` as block indices: an int K means the first K blocks."""
-    if isinstance(layers, bool) or not isinstance(layers, (int, Sequence)):
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not (is_int(layers) or (isinstance(layers, Sequence) and not isinstance(layers, str)
+                               and all(is_int(i) for i in layers))):
         raise TypeError(f"layers must be an int (first K blocks) or a list of block indices, got {layers!r}")
-    if isinstance(layers, int):
+    if is_int(layers):
         if not 0 <= layers <= depth:
             raise ValueError(f"layers={layers} is out of range: the model has {depth} blocks")
         return tuple(range(layers))
-    indices = tuple(int(i) for i in layers)
+    indices = tuple(layers)
     bad = [i for i in indices if not 0 <= i < depth]
     if bad or len(set(indices)) != len(indices):
         raise ValueError(f"layers must be distinct block indices in [0, {depth}), got {list(layers)}")
