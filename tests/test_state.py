@@ -219,3 +219,12 @@ def test_forward_intermediates_before_the_first_merge_only():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         with pytest.raises(ValueError, match=r"blocks \[2, 3\] come after the first merge"):
             model.forward_intermediates(x)
+
+
+def test_torch_export_is_refused_by_the_data_dependent_token_count():
+    """Documented limit: how many tokens a merge keeps depends on the data, which torch.export cannot trace into
+    one static graph (it raises rather than baking one input's counts in). If this starts passing, update the
+    README's "Serving" section."""
+    model = patched(batch_rule="any")
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.export.export(model, (images(batch=1),))

@@ -53,7 +53,7 @@ class PatchedBlock(Picklable):
     def forward(self, x, *args, **kwargs):
         if args or any(value is not None and value is not False for value in kwargs.values()):
             raise ValueError(
-                f"a mame-patched {type(self).__mro__[2].__name__} takes no attention mask or causal flag: "
+                f"a mame-patched {type(self).__bases__[-1].__name__} takes no attention mask or causal flag: "
                 "merging changes the sequence, so an outside mask cannot stay aligned (call mame.unpatch first)")
         return block_forward(self, x, self._mame_layout, self._mame_runtime, self._mame_merger,
                              self._mame_proportional)
