@@ -207,18 +207,43 @@ def test_torch_compile_runs_and_matches():
                                    atol=1e-6, rtol=0)
 
 
-def test_forward_intermediates_before_the_first_merge_only():
-    model = make_vit("deit", depth=4)
+@pytest.mark.parametrize("config", ["deit", "dinov2_reg", "avg_no_cls"])
+def test_forward_intermediates_are_unmerged_to_the_patch_grid(config):
+    model = make_vit(config, depth=4)
     reference = copy.deepcopy(model)
-    mame.patch.timm(model, tau=0.2, layers=[2, 3])
-    x = images()
+    x = images(batch=3)
     with torch.no_grad():
         expected = reference.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-        got = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-        with pytest.raises(ValueError, match=r"blocks \[2, 3\] come after the first merge"):
-            model.forward_intermediates(x)
+        mame.patch.timm(model, tau=0.2, layers=[2, 3])
+        before = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        for got, want in zip(before, expected):  # before the first merge: the unpatched intermediates
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+        final, maps = model.forward_intermediates(x, indices=[1, 3], norm=True)
+        torch.testing.assert_close(final, model.forward_features(x), atol=0, rtol=0)  # merged, as forward_features
+        dense = model.mame.unmerge(final)[:, model.num_prefix_tokens:]
+        assert model.mame.state.mask is not None  # ragged: padding had to be dropped on the way back
+        assert [tuple(m.shape) for m in maps] == [(3, 64, 4, 4)] * 2
+        torch.testing.assert_close(maps[1], dense.transpose(1, 2).reshape(3, 64, 4, 4), atol=1e-6, rtol=0)
+
+        nlc = model.forward_intermediates(x, indices=[3], output_fmt="NLC", intermediates_only=True,
+                                          return_prefix_tokens=True, norm=True)
+        if model.num_prefix_tokens:
+            (patches, prefix), = nlc
+            torch.testing.assert_close(prefix, final[:, : model.num_prefix_tokens], atol=1e-6, rtol=0)
+        else:
+            (patches,) = nlc
+        torch.testing.assert_close(patches, dense, atol=1e-6, rtol=0)
+        as_dict = model.forward_intermediates(x, indices=[3], norm=True, output_dict=True)
+        torch.testing.assert_close(as_dict["image_intermediates"][0], maps[1], atol=0, rtol=0)
+
+
+def test_forward_intermediates_after_a_merge_need_fusion_plans():
+    x = images()
+    for model in (mame.patch.timm(make_vit("deit"), tau=0.2, layers=3).train(),
+                  tome.patch_timm(make_vit("deit"), r=2)):
+        with pytest.raises(ValueError, match="needs fusion plans"):
+            model.forward_intermediates(x, indices=[1])
 
 
 def test_torch_export_is_refused_by_the_data_dependent_token_count():
@@ -228,3 +253,17 @@ def test_torch_export_is_refused_by_the_data_dependent_token_count():
     model = patched(batch_rule="any")
     with pytest.raises(Exception, match="data-dependent"):
         torch.export.export(model, (images(batch=1),))
+
+
+def test_unmerge_refuses_what_it_cannot_map_back():
+    x = images()
+    model = tome.patch_timm(make_vit("deit"), r=2)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    with pytest.raises(RuntimeError, match="kept no fusion plans"):
+        model.mame.unmerge(features)
+    model = mame.patch.timm(make_vit("deit"), tau=0.2, layers=3)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    with pytest.raises(ValueError, match="features must be"):
+        model.mame.unmerge(features[:1])

@@ -69,6 +69,7 @@ class TokenState:
         plans: one `FusionPlan` per merge (kept when ``keep_plans``), for unmerging and source maps.
         counts: real tokens per sample after every block, as tensors until the forward ends.
         keys: the attention keys of the running block, for mergers that need them (ToMe), set by a hook.
+        merges: merges run so far (a merger that keeps no plans, as ToMe, leaves fewer plans than merges).
     """
 
     num_special: int
@@ -78,6 +79,7 @@ class TokenState:
     plans: list = field(default_factory=list)
     counts: list = field(default_factory=list)
     keys: torch.Tensor | None = None
+    merges: int = 0
     _bias_key: tuple | None = field(default=None, repr=False)
     _bias: torch.Tensor | None = field(default=None, repr=False)
 
@@ -264,6 +266,11 @@ class MergeRuntime:
             raise RuntimeError("run a forward pass before unmerging")
         if not state.keep_plans:
             raise RuntimeError("the last forward ran in training mode and kept no fusion plans; call model.eval()")
+        if len(state.plans) < state.merges:
+            raise RuntimeError("the last forward's merges kept no fusion plans (only MaMe keeps them, not ToMe)")
+        if state.plans and tuple(features.shape[:2]) != tuple(state.plans[-1].sizes.shape):
+            raise ValueError(f"features must be (B, L', c) with (B, L') = {tuple(state.plans[-1].sizes.shape)} as "
+                             f"the last forward's merged tokens, got {tuple(features.shape)}")
         for plan in reversed(state.plans):
             features = plan.unmerge(features)
         return features
@@ -311,6 +318,7 @@ def _block_branches(block: nn.Module, x: torch.Tensor, layout: BlockLayout, runt
     if merger is not None:
         keys, state.keys = state.keys, None  # handed over once: no stale keys kept after the merge
         x = merger(x, state, keys)
+        state.merges += 1
 
     def mlp_branch(t: torch.Tensor) -> torch.Tensor:
         return part(block, layout.drop_path2)(part(block, layout.ls2)(getattr(block, layout.mlp)(

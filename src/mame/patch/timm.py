@@ -103,19 +103,52 @@ class PatchedViT(ScopedForward):
         with self.mame.scope(self.training):
             return super().forward_features(*args, **kwargs)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, *args, **kwargs):
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | list[int] | None = None, return_prefix_tokens: bool = False,
+        norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+        output_dict: bool = False, **kwargs,
+    ):
+        """timm's ``forward_intermediates`` with every intermediate unmerged to the full patch grid (through the
+        fusion plans of the merges before it), so NCHW maps keep their meaning; the final features stay merged,
+        as from ``forward_features``. Needs fusion plans: eval mode and a MaMe patch."""
         from timm.models._features import feature_take_indices
 
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         taken, _ = feature_take_indices(len(self.blocks), indices)
+        with self.mame.scope(self.training) as state:
+            final, raw = super().forward_intermediates(
+                x, taken, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
+                intermediates_only=False, output_dict=False, **kwargs)
         merging = [i for i, block in enumerate(self.blocks) if block.__dict__.get("_mame_merger") is not None]
-        after_merge = [i for i in taken if merging and i >= merging[0]]
-        if after_merge:
-            raise ValueError(
-                f"forward_intermediates: blocks {after_merge} come after the first merge (block {merging[0]}), so "
-                "their tokens no longer form the patch grid; take intermediates from earlier blocks, or use "
-                "forward_features and model.mame.unmerge for dense features")
-        with self.mame.scope(self.training):
-            return super().forward_intermediates(x, indices, *args, **kwargs)
+        prefix_count = self.num_prefix_tokens
+        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        intermediates, prefixes = [], []
+        for index, item in zip(sorted(set(taken)), raw):
+            tokens = torch.cat([item[1], item[0]], dim=1) if prefix_count else item  # (spatial, prefix) pairs
+            merges = sum(i <= index for i in merging)
+            if merges > len(state.plans):
+                raise ValueError(
+                    f"forward_intermediates: block {index} comes after a merge, and unmerging it to the patch grid "
+                    "needs fusion plans, which only MaMe keeps and only in eval mode (call model.eval())")
+            for plan in reversed(state.plans[:merges]):
+                tokens = plan.unmerge(tokens)
+            patches = tokens[:, prefix_count:]
+            if output_fmt == "NCHW":
+                patches = patches.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append(patches)
+            prefixes.append(tokens[:, :prefix_count])
+        with_prefix = return_prefix_tokens and prefix_count > 0
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if with_prefix:
+                result["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                result["image_features"] = final
+            return result
+        if with_prefix:
+            intermediates = list(zip(intermediates, prefixes))
+        return intermediates if intermediates_only else (final, intermediates)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         state = self.mame.state
