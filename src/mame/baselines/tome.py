@@ -1,13 +1,17 @@
 """ToMe (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023), written here for side-by-side runs.
 
-Bipartite soft matching on the attention keys (mean over heads), size-weighted averaging and proportional attention
-(log(size) added to the logits through the SDPA bias), as the ToMe paper describes. It runs inside the same patched
-block as MaMe, so LayerScale, qk-norm, fused attention and register tokens are handled (the original ToMe patch
-silently drops LayerScale and protects only the class token). All special tokens are kept out of the matching.
+Reproduces the official implementation (facebookresearch/ToMe): bipartite soft matching on the attention keys (mean
+over heads) with A = even and B = odd positions of the *whole* sequence, class token included; size-weighted
+averaging; proportional attention (log(size) added to the logits through the SDPA bias); at most half of the
+unprotected tokens merged per block. Prefix tokens are protected as the official code protects its two: a prefix
+token in A (the class token, every second register) never merges, and one in B (the distillation token, the other
+registers) receives nothing. It runs inside the same patched block as MaMe, so LayerScale (which the official patch
+drops), qk-norm, fused attention and registers are handled.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,17 +23,23 @@ from mame.patch.base import install
 from mame.patch.timm import TIMM_LAYOUT, PatchedViT, check_model, resolve_layers
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe's matching on (B, T, c) non-special tokens: A = even positions, B = odd positions.
-
-    Each A token proposes its most similar B token (cosine); the ``r`` A tokens with the best proposals merge.
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's matching on the whole sequence (B, T, c), as the official code does it: A = even positions, B = odd
+    positions, the leading ``num_protected`` tokens included. Protected tokens in A never merge (their rows of
+    scores are -inf, as the official code does for the class token) and protected tokens in B receive nothing
+    (their columns are -inf, as it does for the distillation token). Each A token proposes its most similar B
+    token (cosine); the ``r`` A tokens with the best proposals merge.
 
     Returns:
-        ``(kept_a, merged_a, target_b)``: (B, |A| - r) indices of A tokens that stay, (B, r) indices of A tokens
-        that merge and (B, r) the index in B each of them joins.
+        ``(kept_a, merged_a, target_b)``: (B, |A| - r) indices of A tokens that stay (in order; protected ones
+        first), (B, r) indices of A tokens that merge and (B, r) the index in B each of them joins.
     """
+    metric = metric.detach()  # the matching is discrete: no gradient flows through it
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    scores[:, : (num_protected + 1) // 2] = -math.inf  # protected tokens at even positions: never sources
+    scores[:, :, : num_protected // 2] = -math.inf  # protected tokens at odd positions: never destinations
     best_score, best_b = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True)
     merged_a, kept_a = order[:, :r], order[:, r:]
@@ -38,26 +48,26 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor,
 
 def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, r: int, num_special: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``r`` tokens of (B, L, d) ``x`` by size-weighted averaging; specials stay first and untouched.
+    """Merge ``r`` tokens of (B, L, d) ``x`` by size-weighted averaging (official ToMe: at most half of the
+    unprotected tokens per step); the ``num_special`` leading tokens take part in the partition but never change.
 
-    Returns ``(x', sizes')`` with layout [specials, kept A tokens (original order), B tokens (original order)].
+    Returns ``(x', sizes')`` with layout [specials, kept A tokens, B tokens], each in original order.
     """
-    special, tokens = x[:, :num_special], x[:, num_special:]
-    r = min(r, tokens.shape[1] // 2)
+    r = min(r, (x.shape[1] - num_special) // 2)
     if r <= 0:
         return x, sizes
-    kept_a, merged_a, target_b = bipartite_soft_matching(metric[:, num_special:].float(), r)
-    weights = sizes[:, num_special:].to(x.dtype).unsqueeze(-1)
-    weighted = torch.cat([tokens * weights, weights], dim=-1)  # merge values and sizes in one pass
+    kept_a, merged_a, target_b = bipartite_soft_matching(metric.float(), r, num_special)
+    weights = sizes.to(x.dtype).unsqueeze(-1)
+    weighted = torch.cat([x * weights, weights], dim=-1)  # merge values and sizes in one pass
     a, b = weighted[:, ::2], weighted[:, 1::2]
     channels = weighted.shape[-1]
     kept = a.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, channels))
     moving = a.gather(1, merged_a.unsqueeze(-1).expand(-1, -1, channels))
     b = b.scatter_add(1, target_b.unsqueeze(-1).expand(-1, -1, channels), moving)
-    merged = torch.cat([kept, b], dim=1)
+    # Protected tokens come first among the kept A tokens and the B tokens and are unchanged: take them from x.
+    merged = torch.cat([kept[:, (num_special + 1) // 2 :], b[:, num_special // 2 :]], dim=1)
     new_sizes = merged[..., -1]
-    merged_x = merged[..., :-1] / new_sizes.unsqueeze(-1)
-    return (torch.cat([special, merged_x], dim=1),
+    return (torch.cat([x[:, :num_special], merged[..., :-1] / new_sizes.unsqueeze(-1)], dim=1),
             torch.cat([sizes[:, :num_special], new_sizes.to(sizes.dtype)], dim=1))
 
 
