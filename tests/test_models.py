@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mame import models
-from mame.data import preprocess, sample_photos
+from mame.data import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.
 
 
 @pytest.mark.real
-def test_conversion_matches_onnxruntime(converted: tuple[Path, torch.nn.Module]) -> None:
+def test_conversion_matches_onnxruntime(converted: tuple[Path, torch.nn.Module], real_photos: torch.Tensor) -> None:
     cache, model = converted
     report = model.conversion_report
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-3
@@ -32,7 +33,7 @@ def test_conversion_matches_onnxruntime(converted: tuple[Path, torch.nn.Module])
     assert 21e6 < report.num_params < 23e6  # ViT-S/14
 
     # Independently of the report: photos the conversion did not use, all tokens, and the pooled CLS.
-    x = preprocess([image for _, image in sample_photos(6)[2:]])
+    x = real_photos[2:6]
     with torch.no_grad():
         tokens = model.forward_features(x)
         pooled = model(x)
@@ -45,7 +46,8 @@ def test_conversion_matches_onnxruntime(converted: tuple[Path, torch.nn.Module])
 
 
 @pytest.mark.real
-def test_second_load_reads_the_cache(converted: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_load_reads_the_cache(converted: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch,
+                                     real_photos: torch.Tensor) -> None:
     cache, first = converted
 
     def no_conversion(*args: object, **kwargs: object) -> None:
@@ -54,19 +56,20 @@ def test_second_load_reads_the_cache(converted: tuple[Path, torch.nn.Module], mo
     monkeypatch.setattr(models, "convert_and_verify", no_conversion)
     monkeypatch.setenv("MAME_CACHE_DIR", str(cache))  # the environment variable picks the same cache
     second = models.load(progress=False)
-    x = preprocess([image for _, image in sample_photos(2)])
+    x = real_photos[:2]
     with torch.no_grad():
         assert torch.equal(first(x), second(x))
     assert second.conversion_report == first.conversion_report
 
 
 @pytest.mark.real
-def test_other_image_size(converted: tuple[Path, torch.nn.Module]) -> None:
+def test_other_image_size(converted: tuple[Path, torch.nn.Module],
+                          bundled_photos: list[tuple[str, Image.Image]]) -> None:
     cache, _ = converted
     model = models.load(img_size=280, cache_dir=cache, progress=False)
     assert model.pos_embed.shape == (1, 1 + 20 * 20, 384)
     with torch.no_grad():
-        assert model(preprocess(sample_photos(1)[0][1], size=280)).shape == (1, 384)
+        assert model(preprocess(bundled_photos[0][1], size=280)).shape == (1, 384)
 
 
 def test_unknown_name() -> None:
