@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 
 import pytest
 import torch
+from fake_clock import FakeClock, charge_block_tokens, use_fake_clock
 from timm.models.vision_transformer import VisionTransformer
 
 import mame
@@ -40,13 +41,33 @@ def analytic_vit_flops(batch: int, tokens: int) -> int:
     return batch * (DEPTH * block + embed + head)
 
 
-def test_paired_speedup_recovers_known_ratio():
-    result = bench.paired_speedup(lambda: time.sleep(0.02), lambda: time.sleep(0.01), pairs=5, warmup=1)
-    assert 1.6 < result.ratio < 2.4
-    assert result.ratio_low <= result.ratio <= result.ratio_high
-    assert result.pairs == 5 and len(result.ratios) == 5
-    assert result.baseline_s > result.method_s
-    assert str(result).endswith(", 5 pairs)") and "x (" in str(result)
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    return use_fake_clock(monkeypatch)
+
+
+@dataclass
+class Task:
+    """A callable whose k-th call takes ``durations[k]`` seconds of fake time (the last duration repeats)."""
+
+    clock: FakeClock
+    durations: tuple[float, ...]
+    calls: int = 0
+
+    def __call__(self) -> None:
+        self.clock.advance(self.durations[min(self.calls, len(self.durations) - 1)])
+        self.calls += 1
+
+
+def test_paired_speedup_reports_median_and_range_of_pair_ratios(clock):
+    # A slow first call of each side is warm-up, not timed; then the baseline's calls take 4, 6, 2, 8, 10 s.
+    baseline = Task(clock, (100.0, 4.0, 6.0, 2.0, 8.0, 10.0))
+    method = Task(clock, (100.0, 2.0))
+    result = bench.paired_speedup(baseline, method, pairs=5, warmup=1)
+    assert result.ratios == (2.0, 3.0, 1.0, 4.0, 5.0)  # in the order measured
+    assert (result.ratio, result.ratio_low, result.ratio_high) == (3.0, 1.0, 5.0)
+    assert (result.baseline_s, result.method_s, result.pairs) == (6.0, 2.0, 5)
+    assert str(result) == "3.00x (1.00–5.00, 5 pairs)"
 
 
 def test_paired_speedup_alternates_order_and_syncs():
@@ -57,10 +78,12 @@ def test_paired_speedup_alternates_order_and_syncs():
     assert len(syncs) == 2 * 8  # before and after every timed sample
 
 
-def test_paired_speedup_min_time_repeats_short_calls():
-    calls = []
-    bench.paired_speedup(lambda: calls.append("b"), lambda: time.sleep(0.002), pairs=1, warmup=0, min_time=0.01)
-    assert len(calls) > 3  # one calibration call, then enough calls to fill 10 ms
+def test_paired_speedup_min_time_repeats_short_calls(clock):
+    baseline, method = Task(clock, (0.25,)), Task(clock, (1.0,))
+    result = bench.paired_speedup(baseline, method, pairs=3, warmup=0, min_time=2.0)
+    # One calibration call each, then every sample repeats its call to fill 2 s: 8 and 2 calls.
+    assert (baseline.calls, method.calls) == (1 + 3 * 8, 1 + 3 * 2)
+    assert (result.baseline_s, result.method_s, result.ratio) == (0.25, 1.0, 0.25)  # seconds per call
 
 
 def test_paired_speedup_rejects_bad_arguments():
@@ -115,7 +138,8 @@ def test_tokens_per_block(tiny_vit, images):
     mame.unpatch(tiny_vit)
 
 
-def test_compare_returns_sane_fields(tiny_vit, images):
+def test_compare_returns_sane_fields(tiny_vit, images, clock):
+    charge_block_tokens(tiny_vit, clock)
     variants = [bench.Variant("none", "none"), bench.Variant("MaMe τ=-1", "mame", {"tau": -1.0, "layers": DEPTH}),
                 bench.Variant("MaMe τ=1", "mame", {"tau": 1.0, "layers": DEPTH}),
                 bench.Variant("ToMe r=4", "tome", {"r": 4})]
@@ -131,7 +155,9 @@ def test_compare_returns_sane_fields(tiny_vit, images):
     assert tome.flop_ratio > 1 and tome.tokens_per_block == [full - 4, full - 8]
     for result in results:
         assert result.baseline_flops == none.flops
-        assert result.speedup.pairs == 3 and result.speedup.ratio > 0
+        # A block's fake time is its input token count: the unmodified model against this variant on the same batch.
+        block_inputs = full + sum(result.tokens_per_block[:-1])
+        assert result.speedup.ratios == (DEPTH * full / block_inputs,) * 3
         assert result.efficiency == pytest.approx(result.speedup.ratio / result.flop_ratio)
         assert result.peak_memory is not None and result.peak_memory > 0
     report = bench.results_to_json(results, bench.run_meta("tiny", images))
@@ -189,7 +215,8 @@ def test_merge_free_copy_rejects_unpatched_model(tiny_vit):
         bench.merge_free_copy(tiny_vit, lambda: None)
 
 
-def test_compare_one_at_a_time_with_bound(tiny_vit):
+def test_compare_one_at_a_time_with_bound(tiny_vit, clock):
+    charge_block_tokens(tiny_vit, clock)
     x = _smooth_images(3)
     variants = [bench.Variant("none", "none"), bench.Variant("MaMe", "mame", {"tau": 0.5, "layers": DEPTH}),
                 bench.Variant("no merging blocks", "mame", {"tau": 0.5, "layers": 0})]
@@ -207,6 +234,11 @@ def test_compare_one_at_a_time_with_bound(tiny_vit):
             patched(x[i : i + 1])
             counts.append(patched.mame.last_token_counts)
     assert mame_result.tokens_per_block == pytest.approx([sum(c) / 3 for c in zip(*counts)])
+    # Fake time counts block input tokens, image by image; the merge-free copy runs the blocks on the same counts.
+    full = (IMG // PATCH) ** 2 + 1
+    block_inputs = sum(full + sum(c[:-1]) for c in counts)
+    assert mame_result.speedup.ratio == mame_result.bound.ratio == 3 * DEPTH * full / block_inputs
+    assert mame_result.of_bound == 1.0
     assert bench.results_table([none, mame_result]).columns[6].header == "merge-free bound"
     mame.unpatch(tiny_vit)
     with pytest.raises(ValueError, match="batch tensor"):

@@ -1,6 +1,6 @@
 """Honest measurements: paired speed ratios, FLOPs that include attention, peak memory, tokens per block.
 
-The rules (see DESIGN.md, "Measuring"): speed is a ratio of baseline to method measured in one process, after
+The rules every number here follows: speed is a ratio of baseline to method measured in one process, after
 warm-up, over interleaved pairs that alternate which side runs first, reported as the median with its spread;
 FLOPs count SDPA (which `FlopCounterMode` scores as zero on CPU unless a formula is registered) and the merge's own
 matmuls; the FLOP ratio is the limit a speed-up should be compared with.
