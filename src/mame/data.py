@@ -10,6 +10,7 @@ Nothing here downloads anything. `sample_photos` collects photographs that ship 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from collections.abc import Sequence
@@ -112,10 +113,17 @@ def sample_photos(n: int | None = None) -> list[tuple[str, Image.Image]]:
     Raises:
         ValueError: If fewer than ``n`` photos are available.
     """
-    photos = _skimage_photos(_SKIMAGE_COLOR) + _sklearn_photos() + _matplotlib_photos() + _skimage_photos(_SKIMAGE_GRAY)
+    photos = _decoded_photos()
     if n is not None and n > len(photos):
         raise ValueError(f"asked for {n} photos, only {len(photos)} are available offline")
-    return photos[:n]
+    return [(name, image.copy()) for name, image in photos[:n]]  # copies: callers may change their images
+
+
+@functools.lru_cache(maxsize=1)
+def _decoded_photos() -> tuple[tuple[str, Image.Image], ...]:
+    # Decoding takes about a second (and imports three packages); the demo and the CLI ask more than once.
+    return tuple(_skimage_photos(_SKIMAGE_COLOR) + _sklearn_photos() + _matplotlib_photos()
+                 + _skimage_photos(_SKIMAGE_GRAY))
 
 
 def _letterbox(image: Image.Image, size: int) -> Image.Image:
