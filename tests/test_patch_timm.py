@@ -375,6 +375,20 @@ def test_per_sample_batch_equals_batch_of_one(config):
     assert (pre_any[:1] - single).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("options", [dict(size_weighted=True), dict(proportional_attention=False),
+                                     dict(packed_mlp=False), dict(prune=False), dict(tau=[0.9, 0.4, 0.6])])
+def test_per_sample_batch_equals_batch_of_one_for_every_option(options):
+    model = layerscale_vit()
+    x = mixed_images()
+    with torch.no_grad():
+        mame.patch.timm(model, **{"tau": 0.7, "layers": 3, **options})
+        out = model(x)
+        lengths = model.mame.state.counts[-1]
+        assert len(set(lengths.tolist())) > 1, "the images must merge differently"
+        singles = torch.cat([model(x[b : b + 1]) for b in range(len(x))])
+    torch.testing.assert_close(out, singles, atol=1e-4, rtol=1e-4)
+
+
 def patched_avg_pool(x: torch.Tensor, tau: float, batch_rule: str):
     """An avg-pool ViT patched on 3 blocks: (model, features, token state, pooled features) for ``x``."""
     model = make_vit("avg_no_cls")
