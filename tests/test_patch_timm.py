@@ -376,7 +376,8 @@ def test_per_sample_batch_equals_batch_of_one(config):
 
 
 @pytest.mark.parametrize("options", [dict(size_weighted=True), dict(proportional_attention=False),
-                                     dict(packed_mlp=False), dict(prune=False), dict(tau=[0.9, 0.4, 0.6])])
+                                     dict(packed_mlp=False), dict(prune=False), dict(tau=[0.9, 0.4, 0.6]),
+                                     dict(metric="keys"), dict(metric="keys_mean")])
 def test_per_sample_batch_equals_batch_of_one_for_every_option(options):
     model = layerscale_vit()
     x = mixed_images()
@@ -387,6 +388,35 @@ def test_per_sample_batch_equals_batch_of_one_for_every_option(options):
         assert len(set(lengths.tolist())) > 1, "the images must merge differently"
         singles = torch.cat([model(x[b : b + 1]) for b in range(len(x))])
     torch.testing.assert_close(out, singles, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["keys", "keys_mean"])
+def test_metric_on_attention_keys_matches_hand_written_block(metric):
+    """metric="keys" / "keys_mean": the similarity (eq 2) is computed on the block's attention keys (all heads side
+    by side, or their mean over heads as ToMe does), and the tokens x' are fused with those weights."""
+    model = layerscale_vit()
+    block = model.blocks[0]
+    x = torch.randn(2, 21, EMBED, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        normed = block.norm1(x)
+        keys = block.attn.qkv(normed).view(2, 21, 3, 4, EMBED // 4)[:, :, 1]
+        features = keys.mean(2) if metric == "keys_mean" else keys.reshape(2, 21, EMBED)
+        x1 = x + block.ls1(block.attn(normed))
+        y, plan = mame.merge(x1, 0.2, model.num_prefix_tokens, metric=features)
+        expected = y + block.ls2(block.mlp(block.norm2(y)))
+        on_tokens, _ = mame.merge(x1, 0.2, model.num_prefix_tokens)
+        assert plan.num_tokens_out < 21 and on_tokens.shape != y.shape  # the metric changes what merges
+        mame.patch.timm(model, tau=0.2, layers=3, batch_rule="any", metric=metric)
+        got = model.blocks[0](x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert model.mame.settings["metric"] == metric
+
+
+def test_rejects_unknown_metric():
+    model = make_vit("deit")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        mame.patch.timm(model, tau=0.5, layers=3, metric="values")
+    _assert_pristine(model)
 
 
 def patched_avg_pool(x: torch.Tensor, tau: float, batch_rule: str):

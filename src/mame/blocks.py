@@ -114,6 +114,16 @@ class Merger(Protocol):
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor: ...
 
 
+METRICS = ("x", "keys", "keys_mean")
+
+
+def _metric(name: str, keys: torch.Tensor | None) -> torch.Tensor | None:
+    """The similarity features for ``metric=name`` from per-head keys (B, L, heads, head_dim); None = the tokens."""
+    if name == "x":
+        return None
+    return keys.mean(2) if name == "keys_mean" else keys.flatten(2)
+
+
 @dataclass(frozen=True)
 class MameMerge:
     """The MaMe step of one block (eq 12), with its settings checked once at patch time."""
@@ -128,7 +138,11 @@ class MameMerge:
     size_weighted: bool = False
     eps: float = 1e-6
     check_finite: bool = False
-    needs_keys = False
+    metric: str = "x"
+
+    @property
+    def needs_keys(self) -> bool:
+        return self.metric != "x"
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
         if self.check_finite and not bool(torch.isfinite(x if state.mask is None else x[state.mask]).all()):
@@ -136,7 +150,7 @@ class MameMerge:
         y, plan = merge(
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
-            size_weighted=self.size_weighted, check=False)
+            size_weighted=self.size_weighted, check=False, metric=_metric(self.metric, keys))
         # Samples of equal length need no padding mask: attention then runs without a bias, the MLP unpacked.
         state.sizes = plan.sizes.detach()  # bookkeeping, see `TokenState.sizes`
         state.mask = None if plan.mask is None or bool(plan.mask.all()) else plan.mask

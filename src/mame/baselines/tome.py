@@ -20,7 +20,7 @@ from torch import nn
 
 from mame.blocks import MergeRuntime, TokenState
 from mame.patch.base import install
-from mame.patch.timm import TIMM_LAYOUT, PatchedViT, check_model, resolve_layers
+from mame.patch.timm import TIMM_LAYOUT, PatchedViT, capture_keys, check_model, resolve_layers
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
@@ -81,31 +81,9 @@ class ToMeMerge:
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
         if state.mask is not None:
             raise ValueError("ToMe merges the same number of tokens in every sample and cannot follow padding")
-        x, sizes = merge_weighted(x, state.ones_sizes(x), keys, self.r, state.num_special)
+        x, sizes = merge_weighted(x, state.ones_sizes(x), keys.mean(2), self.r, state.num_special)  # mean of heads
         state.sizes = sizes.detach()  # bookkeeping, see `TokenState.sizes`
         return x
-
-
-@dataclass
-class _KeyCapture:
-    """Forward hook on ``attn.qkv`` that hands the keys, averaged over heads, to the running forward's state (never
-    to the shared block, which concurrent forwards would overwrite).
-
-    An object rather than a closure, so that a deep copy of a patched model writes into its own runtime."""
-
-    runtime: MergeRuntime
-    heads: int
-    head_dim: int
-
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        batch, tokens, _ = output.shape
-        self.runtime.state.keys = output.view(batch, tokens, 3, self.heads, self.head_dim)[:, :, 1].mean(2)
-
-
-def _capture_keys(block: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make the block's attention hand its keys to the running forward (ToMe's metric)."""
-    attn = block.attn
-    return attn.qkv.register_forward_hook(_KeyCapture(block._mame_runtime, attn.num_heads, attn.head_dim))
 
 
 def parse_r(r: int | Sequence[int], depth: int) -> tuple[int, ...]:
@@ -134,4 +112,4 @@ def patch_timm(model: nn.Module, r: int | Sequence[int] = 16, *, proportional_at
     settings = dict(method="tome", r=rs, layers=indices, proportional_attention=proportional_attention)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens)
     return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT,
-                   key_hook=_capture_keys)
+                   key_hook=capture_keys)

@@ -7,12 +7,13 @@ size (so merged and unmerged models pool the same image area) and attention pool
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from mame.blocks import BlockLayout, MameMerge, Merger, MergeRuntime
+from mame.blocks import METRICS, BlockLayout, MameMerge, Merger, MergeRuntime
 from mame.core import check_options, check_tau
 from mame.patch.base import ScopedForward, install
 
@@ -78,10 +79,12 @@ def resolve_taus(tau: float | Sequence[float], count: int) -> tuple[float, ...]:
 
 def mame_mergers(
     layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
-    causal: bool | str, size_weighted: bool, check: bool = False,
+    causal: bool | str, size_weighted: bool, check: bool = False, metric: str = "x",
 ) -> dict[int, Merger]:
     """One checked `MameMerge` per patched block."""
     check_options(partition, batch_rule, causal)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if batch_rule == "per_sample" and partition != "alternating" and len(layers) > 1:
         # After the first merge the batch is ragged, and these partitions would split each padded sample
         # differently from the same sample alone (see `mame.merge`'s mask).
@@ -90,9 +93,31 @@ def mame_mergers(
                          "batch_rule='any'")
     return {
         index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
-                         size_weighted=size_weighted, check_finite=check)
+                         size_weighted=size_weighted, check_finite=check, metric=metric)
         for index, t in zip(layers, taus)
     }
+
+
+@dataclass
+class _KeyCapture:
+    """Forward hook on ``attn.qkv`` that hands the keys, (B, L, heads, head_dim), to the running forward's state
+    (never to the shared block, which concurrent forwards would overwrite).
+
+    An object rather than a closure, so that a deep copy of a patched model writes into its own runtime."""
+
+    runtime: MergeRuntime
+    heads: int
+    head_dim: int
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        batch, tokens, _ = output.shape
+        self.runtime.state.keys = output.view(batch, tokens, 3, self.heads, self.head_dim)[:, :, 1]
+
+
+def capture_keys(block: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make a timm block's attention hand its keys (before any qk-norm) to the running forward."""
+    attn = block.attn
+    return attn.qkv.register_forward_hook(_KeyCapture(block._mame_runtime, attn.num_heads, attn.head_dim))
 
 
 class PatchedViT(ScopedForward):
@@ -186,6 +211,7 @@ def patch_timm(
     proportional_attention: bool = True,
     packed_mlp: bool = True,
     check: bool = False,
+    metric: str = "x",
 ) -> nn.Module:
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
 
@@ -206,6 +232,9 @@ def patch_timm(
             attention weight of the patches it stands for. On by default: it raised k-NN / probe accuracy at
             τ = 0.7, 0.8 and 0.975 (`mame eval`); with all sizes 1 it is exactly plain attention.
         packed_mlp: on ragged batches run the MLP on real tokens only.
+        metric: what the similarity is computed on: ``"x"`` (the tokens themselves, the paper's eq 2),
+            ``"keys"`` (the block's attention keys, all heads side by side) or ``"keys_mean"`` (the keys averaged
+            over heads, ToMe's metric). The tokens are fused either way.
         check: scan the tokens for NaN and Inf before every merge and raise a ValueError. Off by default, like
             the patched forward's other checks (one pass over the tokens per merge); without it NaN input gives NaN
             output, as in the unpatched model.
@@ -218,9 +247,10 @@ def patch_timm(
     indices = resolve_layers(layers, depth)
     taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
-                           size_weighted=size_weighted, check=check)
+                           size_weighted=size_weighted, check=check, metric=metric)
     settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
-                    size_weighted=size_weighted, proportional_attention=proportional_attention)
+                    size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens,
                            packed_mlp=packed_mlp)
-    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT)
+    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT,
+                   key_hook=capture_keys)
