@@ -179,8 +179,10 @@ _EXIT_STATES: dict[tuple, _ExitState] = {}
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing replays blocks)."""
-    return torch._C._current_graph_task_id() != -1
+    """True while autograd runs a backward pass (where activation checkpointing replays blocks). A private torch
+    call: where it is missing, replays are simply recorded as the thread's last forward."""
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    return current_task is not None and current_task() != -1
 
 
 def _tensor_key(runtime: "MergeRuntime", x: torch.Tensor) -> tuple:
