@@ -230,7 +230,7 @@ class MergeRuntime:
         if id(self) in active:
             yield active[id(self)]
             return
-        state = TokenState(num_special=self.num_special, keep_plans=not training)
+        state = self._fresh_state(training)
         token = _ACTIVE.set({**active, id(self): state})
         try:
             yield state
@@ -242,18 +242,22 @@ class MergeRuntime:
         """The state a block continues with; whether it must remember its exit state for a later replay; and, for
         a block called outside a model forward, the token that ends the state's visibility when the block is done
         (hooks running inside the block, such as ToMe's key capture, find the state as the running one)."""
-        state = _ACTIVE.get().get(id(self))
+        active = _ACTIVE.get()
+        state = active.get(id(self))
         compiling = torch.compiler.is_compiling()
         if state is not None:
             return state, not compiling and (torch.is_grad_enabled() or x.requires_grad), None
         # Outside a model forward: a replay during backward, a direct call or a hand-written loop over the blocks.
         handed_on = None if compiling else _EXIT_STATES.get(_tensor_key(self, x))
-        state = TokenState(num_special=self.num_special, keep_plans=not training)
+        state = self._fresh_state(training)
         if handed_on is not None:
             state.sizes, state.mask = handed_on.sizes, handed_on.mask
         if not _in_backward():  # a replay recomputes a past forward; it is not the caller's last forward
             self._last.state = state
-        return state, not compiling, _ACTIVE.set({**_ACTIVE.get(), id(self): state})
+        return state, not compiling, _ACTIVE.set({**active, id(self): state})
+
+    def _fresh_state(self, training: bool) -> TokenState:
+        return TokenState(num_special=self.num_special, keep_plans=not training)  # training keeps no plans
 
     @property
     def state(self) -> TokenState | None:

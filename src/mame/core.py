@@ -363,7 +363,7 @@ def _check_aligned(x: torch.Tensor, num_special: int, partition: str, sizes: tor
         sizes = sizes.float()
         if not bool(torch.isfinite(sizes).all()) or bool((sizes < 0).any()):
             raise ValueError("sizes must be finite and non-negative (how many original tokens each token stands for)")
-        if bool((sizes == 0)[real if real is not None else torch.ones_like(sizes, dtype=torch.bool)].any()):
+        if bool(((sizes == 0) if real is None else (sizes == 0) & real).any()):
             raise ValueError("sizes must be positive on real tokens (size 0 is for padding only)")
 
 

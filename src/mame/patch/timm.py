@@ -122,7 +122,7 @@ def capture_keys(block: nn.Module) -> torch.utils.hooks.RemovableHandle:
 
 class PatchedViT(ScopedForward):
     """Mixin for timm `VisionTransformer`: per-forward state around each entry point, size- and padding-aware
-    pooling, and intermediates only where the tokens still form the patch grid."""
+    pooling, and intermediates unmerged to the patch grid."""
 
     def forward_features(self, *args, **kwargs):
         with self.mame.scope(self.training):
