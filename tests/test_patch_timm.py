@@ -23,15 +23,22 @@ CONFIGS = {
     "dinov2_reg": dict(reg_tokens=4, init_values=1e-1, no_embed_class=True),  # registers + LayerScale
     "avg_no_cls": dict(class_token=False, global_pool="avg"),
     "map": dict(global_pool="map"),
+    # every optional piece of timm's Attention that the patched block runs itself: qk-norm, the norm before the
+    # output projection, the sigmoid gate
+    "qknorm_gated": dict(qk_norm=True, scale_attn_norm=True, gated=True),
 }
 
 
 def make_vit(config: str | dict = "deit", *, depth: int = 3, img_size: int = 32, seed: int = 0, **extra) -> nn.Module:
     kwargs = dict(CONFIGS[config]) if isinstance(config, str) else dict(config)
     kwargs.update(extra)
+    gated = kwargs.pop("gated", False)
     torch.manual_seed(seed)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=depth, embed_dim=EMBED, num_heads=4,
                               img_size=img_size, patch_size=8, num_classes=10, **kwargs)
+    if gated:  # timm's Attention(gated=True): a sigmoid gate on the attention output, from the attention's input
+        for block in model.blocks:
+            block.attn.gate = nn.Linear(EMBED, EMBED)
     return model.eval()
 
 
@@ -348,7 +355,7 @@ def mixed_images() -> torch.Tensor:
     return torch.stack([flat, noise, half])
 
 
-@pytest.mark.parametrize("config", ["deit", "avg_no_cls", "dinov2_reg", "map"])
+@pytest.mark.parametrize("config", ["deit", "avg_no_cls", "dinov2_reg", "map", "qknorm_gated"])
 def test_per_sample_batch_equals_batch_of_one(config):
     model = make_vit(config)
     x = mixed_images()
@@ -376,7 +383,7 @@ def test_per_sample_batch_equals_batch_of_one(config):
 
 
 @pytest.mark.parametrize("options", [dict(size_weighted=True), dict(proportional_attention=False),
-                                     dict(packed_mlp=False), dict(prune=False), dict(tau=[0.9, 0.4, 0.6]),
+                                     dict(packed=False), dict(prune=False), dict(tau=[0.9, 0.4, 0.6]),
                                      dict(metric="keys"), dict(metric="keys_mean")])
 def test_per_sample_batch_equals_batch_of_one_for_every_option(options):
     model = layerscale_vit()

@@ -14,15 +14,17 @@ state each block was handed from the tensor they are replayed on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
+from mame.attention import AttentionLayout, PaddedTokens, TokenLayout, packed_layout
 from mame.core import FusionPlan, merge
 
 
@@ -30,18 +32,12 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _call_timm_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return attn(x, attn_mask=bias)
-
-
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a pre-norm transformer block keeps its parts (attribute names; ``None`` = not present = identity).
+    """Where a pre-norm transformer block keeps its parts (attribute names; ``None`` = not present = identity), and
+    how its attention module runs in pieces (`AttentionLayout`)."""
 
-    ``call_attention(attn_module, x, bias)`` runs the attention with an additive float bias of shape (B, 1, 1, L)
-    (key padding and proportional attention) or ``None``; it must keep the fused SDPA path.
-    """
-
+    attention: AttentionLayout
     norm1: str = "norm1"
     attn: str = "attn"
     ls1: str | None = "ls1"
@@ -50,7 +46,6 @@ class BlockLayout:
     mlp: str = "mlp"
     ls2: str | None = "ls2"
     drop_path2: str | None = "drop_path2"
-    call_attention: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor] = _call_timm_attention
 
     def part(self, block: nn.Module, name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
         return _identity if name is None else getattr(block, name, _identity)
@@ -68,7 +63,6 @@ class TokenState:
         mask: (B, L) bool, True = real token, or None while no sample is padded.
         plans: one `FusionPlan` per merge (kept when ``keep_plans``), for unmerging and source maps.
         counts: real tokens per sample after every block, as tensors until the forward ends.
-        keys: the attention keys of the running block, for mergers that need them (ToMe), set by a hook.
         merges: merges run so far (a merger that keeps no plans, as ToMe, leaves fewer plans than merges).
     """
 
@@ -78,26 +72,30 @@ class TokenState:
     keep_plans: bool = True
     plans: list = field(default_factory=list)
     counts: list = field(default_factory=list)
-    keys: torch.Tensor | None = None
     merges: int = 0
-    _bias_key: tuple | None = field(default=None, repr=False)
-    _bias: torch.Tensor | None = field(default=None, repr=False)
+    _layout_key: tuple | None = field(default=None, repr=False)
+    _layout: TokenLayout | None = field(default=None, repr=False)
 
-    def attention_bias(self, x: torch.Tensor, proportional: bool) -> torch.Tensor | None:
-        """Additive (B, 1, 1, L) bias: -inf on padding, plus log(size) for proportional attention (ToMe's).
-
-        Made once per merge and reused by the blocks after it until sizes or mask change."""
-        if self.mask is None and (not proportional or self.sizes is None):
-            return None
-        key = (self.sizes, self.mask, proportional, x.dtype)
-        if self._bias_key is not None and all(a is b for a, b in zip(self._bias_key, key)):
-            return self._bias
-        if proportional and self.sizes is not None:
-            bias = self.sizes.log()  # size 0 (padding) gives -inf
+    def token_layout(self, x: torch.Tensor, proportional: bool, heads: int, packed: bool) -> TokenLayout:
+        """How the blocks lay out these tokens until the next merge: packed real tokens for a ragged batch in
+        inference (``packed``), else the padded batch with an additive (B, 1, 1, L) attention bias (-inf on padding,
+        plus log(size) for proportional attention, ToMe's) or none. Made once per merge, reused by the blocks after
+        it until sizes or mask change."""
+        key = (self.sizes, self.mask, proportional, packed, x.dtype)
+        if self._layout_key is not None and all(a is b for a, b in zip(self._layout_key, key)):
+            return self._layout
+        sizes = self.sizes if proportional else None
+        if self.mask is not None and packed:
+            layout = packed_layout(self.mask, sizes, proportional, heads, x.dtype)
+        elif self.mask is None and sizes is None:
+            layout = PaddedTokens(None)
         else:
-            bias = torch.zeros(self.mask.shape, device=x.device).masked_fill(~self.mask, float("-inf"))
-        self._bias_key, self._bias = key, bias.to(x.dtype)[:, None, None, :]
-        return self._bias
+            # sizes.log() gives -inf on padding (size 0)
+            bias = sizes.log() if sizes is not None else torch.zeros(
+                self.mask.shape, device=x.device).masked_fill(~self.mask, float("-inf"))
+            layout = PaddedTokens(bias.to(x.dtype)[:, None, None, :])
+        self._layout_key, self._layout = key, layout
+        return layout
 
     def ones_sizes(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ones(x.shape[:2], device=x.device, dtype=torch.float32) if self.sizes is None else self.sizes
@@ -211,7 +209,7 @@ class MergeRuntime:
     settings: object
     layers: tuple[int, ...]
     num_special: int
-    packed_mlp: bool = True
+    packed: bool = True
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _last: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
 
@@ -238,15 +236,12 @@ class MergeRuntime:
             _ACTIVE.reset(token)
             self._last.state = state
 
-    def block_state(self, x: torch.Tensor, training: bool) -> tuple[TokenState, bool, Token | None]:
-        """The state a block continues with; whether it must remember its exit state for a later replay; and, for
-        a block called outside a model forward, the token that ends the state's visibility when the block is done
-        (hooks running inside the block, such as ToMe's key capture, find the state as the running one)."""
-        active = _ACTIVE.get()
-        state = active.get(id(self))
+    def block_state(self, x: torch.Tensor, training: bool) -> tuple[TokenState, bool]:
+        """The state a block continues with, and whether it must remember its exit state for a later replay."""
+        state = _ACTIVE.get().get(id(self))
         compiling = torch.compiler.is_compiling()
         if state is not None:
-            return state, not compiling and (torch.is_grad_enabled() or x.requires_grad), None
+            return state, not compiling and (torch.is_grad_enabled() or x.requires_grad)
         # Outside a model forward: a replay during backward, a direct call or a hand-written loop over the blocks.
         handed_on = None if compiling else _EXIT_STATES.get(_tensor_key(self, x))
         state = self._fresh_state(training)
@@ -254,7 +249,7 @@ class MergeRuntime:
             state.sizes, state.mask = handed_on.sizes, handed_on.mask
         if not _in_backward():  # a replay recomputes a past forward; it is not the caller's last forward
             self._last.state = state
-        return state, not compiling, _ACTIVE.set({**active, id(self): state})
+        return state, not compiling
 
     def _fresh_state(self, training: bool) -> TokenState:
         return TokenState(num_special=self.num_special, keep_plans=not training)  # training keeps no plans
@@ -317,12 +312,8 @@ def block_forward(
     proportional_attention: bool,
 ) -> torch.Tensor:
     """Eqs 11-13 with LayerScale and drop-path: attention branch, merge, MLP branch."""
-    state, remember, visible = runtime.block_state(x, block.training)
-    try:
-        x = _block_branches(block, x, layout, runtime, merger, proportional_attention, state)
-    finally:
-        if visible is not None:
-            _ACTIVE.reset(visible)
+    state, remember = runtime.block_state(x, block.training)
+    x = _block_branches(block, x, layout, runtime, merger, proportional_attention, state)
     state.record(x)
     if remember:
         _remember_exit(runtime, x, state)
@@ -331,22 +322,24 @@ def block_forward(
 
 def _block_branches(block: nn.Module, x: torch.Tensor, layout: BlockLayout, runtime: MergeRuntime,
                     merger: Merger | None, proportional_attention: bool, state: TokenState) -> torch.Tensor:
-    part = layout.part
-    bias = state.attention_bias(x, proportional_attention)
-    x = x + part(block, layout.drop_path1)(part(block, layout.ls1)(
-        layout.call_attention(getattr(block, layout.attn), part(block, layout.norm1)(x), bias)))
+    part, parts = layout.part, layout.attention
+    attn = getattr(block, layout.attn)
+    heads = parts.heads(attn)
+    # Training keeps the padded batch: drop-path and dropout draw per sample.
+    packed = runtime.packed and not block.training
+    tokens_layout = state.token_layout(x, proportional_attention, heads, packed)
+    tokens = tokens_layout.pack(x)
+    normed = part(block, layout.norm1)(tokens)
+    q, k, v = parts.qkv(attn, normed)
+    out = tokens_layout.attend(q, k, v, parts.scale(attn), parts.dropout(attn) if block.training else 0.0,
+                               functools.partial(parts.qk_norm, attn))
+    tokens = tokens + part(block, layout.drop_path1)(part(block, layout.ls1)(parts.output(attn, out, normed)))
     if merger is not None:
-        keys, state.keys = state.keys, None  # handed over once: no stale keys kept after the merge
-        x = merger(x, state, keys)
+        keys = tokens_layout.unpack(k) if merger.needs_keys else None
+        x = merger(tokens_layout.unpack(tokens), state, keys)
         state.merges += 1
-
-    def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-        return part(block, layout.drop_path2)(part(block, layout.ls2)(getattr(block, layout.mlp)(
-            part(block, layout.norm2)(t))))
-
-    mask = state.mask
-    if mask is not None and runtime.packed_mlp and not block.training:
-        # Ragged batch: run the MLP (two thirds of a block's FLOPs) on the real tokens only.
-        real = x[mask]
-        return x.masked_scatter(mask.unsqueeze(-1), real + mlp_branch(real.unsqueeze(0)).squeeze(0))
-    return x + mlp_branch(x)
+        tokens_layout = state.token_layout(x, proportional_attention, heads, packed)
+        tokens = tokens_layout.pack(x)
+    mlp = getattr(block, layout.mlp)
+    tokens = tokens + part(block, layout.drop_path2)(part(block, layout.ls2)(mlp(part(block, layout.norm2)(tokens))))
+    return tokens_layout.unpack(tokens)

@@ -20,7 +20,7 @@ from torch import nn
 
 from mame.blocks import MergeRuntime, TokenState
 from mame.patch.base import install
-from mame.patch.timm import TIMM_LAYOUT, PatchedViT, capture_keys, check_model, resolve_layers
+from mame.patch.timm import TIMM_LAYOUT, PatchedViT, check_model, resolve_layers
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
@@ -111,5 +111,4 @@ def patch_timm(model: nn.Module, r: int | Sequence[int] = 16, *, proportional_at
     mergers = {i: ToMeMerge(rs[i]) for i in indices if rs[i] > 0}
     settings = dict(method="tome", r=rs, layers=indices, proportional_attention=proportional_attention)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens)
-    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT,
-                   key_hook=capture_keys)
+    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT)

@@ -102,23 +102,14 @@ def install(
     runtime: MergeRuntime,
     proportional_attention: bool = False,
     model_mixin: type[ScopedForward] = ScopedForward,
-    key_hook=None,
 ) -> nn.Module:
-    """Patch ``blocks`` in place; every block is patched so padding and sizes carry through the unmerged ones too.
-
-    Args:
-        key_hook: ``key_hook(block) -> handle`` that makes the block's attention hand its keys to the running
-            forward's ``TokenState.keys`` (only for mergers with ``needs_keys``, e.g. ToMe); the handle is removed on unpatch.
-    """
+    """Patch ``blocks`` in place; every block is patched so padding and sizes carry through the unmerged ones too."""
     unpatch(model)
     for index, block in enumerate(blocks):
         merger = mergers.get(index)
         set_attributes(block, runtime, _mame_layout=layout, _mame_runtime=runtime, _mame_merger=merger,
                        _mame_proportional=proportional_attention)
         swap_class(block, PatchedBlock, runtime)
-        if merger is not None and merger.needs_keys:
-            handle = key_hook(block)
-            runtime.undo.append(handle.remove)
     swap_class(model, model_mixin, runtime)
     set_attributes(model, runtime, mame=runtime)
     return model

@@ -13,11 +13,45 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mame.attention import AttentionLayout
 from mame.blocks import METRICS, BlockLayout, MameMerge, Merger, MergeRuntime
 from mame.core import check_options, check_tau
 from mame.patch.base import ScopedForward, install
 
-TIMM_LAYOUT = BlockLayout()
+
+
+def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attn.qkv(h).unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(-3)
+
+
+def _qk_norm(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+def _output(attn: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    out = attn.norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(h).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def _scale(attn: nn.Module) -> float:
+    return attn.scale
+
+
+def _dropout(attn: nn.Module) -> float:
+    return attn.attn_drop.p
+
+
+def _heads(attn: nn.Module) -> int:
+    return attn.num_heads
+
+
+# timm's `Attention` in pieces, as its own forward runs them.
+TIMM_ATTENTION = AttentionLayout(qkv=_qkv, qk_norm=_qk_norm, output=_output, scale=_scale, dropout=_dropout,
+                                 heads=_heads)
+TIMM_LAYOUT = BlockLayout(attention=TIMM_ATTENTION)
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map", "")
 
 
@@ -29,7 +63,7 @@ def _vit_class() -> type:
 
 def check_model(model: nn.Module) -> None:
     """Raise a ValueError naming the class when ``model`` is not a timm ViT whose blocks we can describe."""
-    from timm.models.vision_transformer import Block
+    from timm.models.vision_transformer import Attention, Block
 
     if not isinstance(model, _vit_class()):
         raise ValueError(
@@ -40,6 +74,8 @@ def check_model(model: nn.Module) -> None:
             raise ValueError(
                 f"mame.patch.timm supports timm `Block` (pre-norm, optional LayerScale); block {index} is "
                 f"{type(block).__name__}")
+        if type(block.attn) is not Attention:
+            raise ValueError(f"mame.patch.timm supports timm `Attention`; block {index} has {type(block.attn).__name__}")
     pool = "map" if getattr(model, "attn_pool", None) is not None else model.global_pool
     if pool not in SUPPORTED_POOLS:
         raise ValueError(f"global_pool={pool!r} is not supported; supported: {SUPPORTED_POOLS}")
@@ -96,28 +132,6 @@ def mame_mergers(
                          size_weighted=size_weighted, check_finite=check, metric=metric)
         for index, t in zip(layers, taus)
     }
-
-
-@dataclass
-class _KeyCapture:
-    """Forward hook on ``attn.qkv`` that hands the keys, (B, L, heads, head_dim), to the running forward's state
-    (never to the shared block, which concurrent forwards would overwrite).
-
-    An object rather than a closure, so that a deep copy of a patched model writes into its own runtime."""
-
-    runtime: MergeRuntime
-    heads: int
-    head_dim: int
-
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        batch, tokens, _ = output.shape
-        self.runtime.state.keys = output.view(batch, tokens, 3, self.heads, self.head_dim)[:, :, 1]
-
-
-def capture_keys(block: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make a timm block's attention hand its keys (before any qk-norm) to the running forward."""
-    attn = block.attn
-    return attn.qkv.register_forward_hook(_KeyCapture(block._mame_runtime, attn.num_heads, attn.head_dim))
 
 
 class PatchedViT(ScopedForward):
@@ -209,7 +223,7 @@ def patch_timm(
     prune: bool = True,
     size_weighted: bool = False,
     proportional_attention: bool = True,
-    packed_mlp: bool = True,
+    packed: bool = True,
     check: bool = False,
     metric: str = "x",
 ) -> nn.Module:
@@ -231,7 +245,8 @@ def patch_timm(
         proportional_attention: add log(size) to the attention logits (as ToMe does), so a merged token keeps the
             attention weight of the patches it stands for. On by default: it raised k-NN / probe accuracy at
             τ = 0.7, 0.8 and 0.975 (`mame eval`); with all sizes 1 it is exactly plain attention.
-        packed_mlp: on ragged batches run the MLP on real tokens only.
+        packed: on ragged batches (per-sample merging) run every token-wise step of a block on the real tokens
+            only, and attention on groups of samples of similar length (`mame.attention`); off = the padded batch.
         metric: what the similarity is computed on: ``"x"`` (the tokens themselves, the paper's eq 2),
             ``"keys"`` (the block's attention keys, all heads side by side) or ``"keys_mean"`` (the keys averaged
             over heads, ToMe's metric). The tokens are fused either way.
@@ -251,6 +266,5 @@ def patch_timm(
     settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
                     size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens,
-                           packed_mlp=packed_mlp)
-    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT,
-                   key_hook=capture_keys)
+                           packed=packed)
+    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT)
