@@ -16,11 +16,12 @@ import time
 from collections import defaultdict
 
 import torch
+from rich.console import Console
 from torch import nn
 
 import mame
 from mame import data, models
-from mame.bench import OneAtATime, count_flops, flop_counter, merge_free_copy
+from mame.bench import OneAtATime, count_flops, flop_counter, merge_free_copy, report_load
 
 
 def time_blocks(model: nn.Module, seconds: dict) -> list:
@@ -50,11 +51,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="alternating timed runs of each model")
+    parser.add_argument("--fit", choices=data.FIT_MODES, default="center_crop", help="how photos become square input")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = models.load(progress=False)
-    x = data.preprocess([image for _, image in data.sample_photos(args.photos)])
+    x = data.preprocess([image for _, image in data.sample_photos(args.photos)], model=model, mode=args.fit)
+    report_load(Console(), torch.get_num_threads())
     patched = mame.patch.timm(copy.deepcopy(model), tau=args.tau, layers=args.layers)
     real = OneAtATime(patched)
     free_model = merge_free_copy(patched, lambda: real(x))

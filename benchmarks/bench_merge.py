@@ -16,10 +16,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from timm.models.vision_transformer import Block
 
 import mame
-from mame.bench import paired_speedup
+from mame.bench import paired_speedup, report_load
 
 
 def random_tokens(batch: int, tokens: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -69,6 +70,7 @@ def main() -> None:
         "merge(check=False)": lambda x: mame.merge(x, tau, special, check=False),
         "merge(check=False) per_sample": lambda x: mame.merge(x, tau, special, batch_rule="per_sample", check=False),
     }
+    report_load(Console(), torch.get_num_threads())
     print(f"x: ({args.batch}, {args.tokens}, {args.dim}) float32, CPU, {torch.get_num_threads()} threads, "
           f"tau={tau}, {args.pairs} pairs, torch {torch.__version__}")
     with torch.inference_mode():

@@ -56,5 +56,8 @@ def bundled_photos() -> list[tuple[str, Image.Image]]:
 
 @pytest.fixture(scope="session")
 def real_photos(bundled_photos: list[tuple[str, Image.Image]]) -> torch.Tensor:
-    """The bundled photos as model input, (20, 3, 224, 224) in `bundled_photos` order; read-only by convention."""
-    return data.preprocess([image for _, image in bundled_photos])
+    """The bundled photos as model input, (20, 3, 224, 224) in `bundled_photos` order; read-only by convention.
+
+    Letterboxed, not centre-cropped as `data.preprocess` does by default: the known per-photo token counts and
+    fidelities in test_real_model.py were measured on letterboxed photos."""
+    return data.preprocess([image for _, image in bundled_photos], mode="letterbox")

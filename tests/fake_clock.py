@@ -1,4 +1,4 @@
-"""A fake clock for `mame.bench`: timed ratios that are known exactly, whatever else the machine is doing."""
+"""A fake clock for `mame.bench.timing`: timed ratios that are known exactly, whatever else the machine is doing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from mame import bench
+from mame.bench import timing
 
 
 class FakeClock:
@@ -24,9 +24,10 @@ class FakeClock:
 
 
 def use_fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """Make `mame.bench` (and what times through it, e.g. `mame.evaluate`) read a `FakeClock` for this test."""
+    """Make `mame.bench.timing` (and what times through it: `mame.bench.compare`, `mame.evaluate`) read a `FakeClock`
+    for this test."""
     clock = FakeClock()
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=clock))
     return clock
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -138,6 +139,24 @@ def test_tokens_per_block(tiny_vit, images):
     mame.unpatch(tiny_vit)
 
 
+def test_block_tokens_counts_every_forward_and_unhooks(tiny_vit, images):
+    full = (IMG // PATCH) ** 2 + 1
+    with bench.BlockTokens(tiny_vit) as counter:
+        assert counter.countable and counter.last == []  # nothing ran yet
+        with torch.inference_mode():
+            tiny_vit(images)
+        assert counter.last == [full] * DEPTH
+    assert all(not block._forward_hooks for block in tiny_vit.blocks)  # closed: timed forwards run unhooked
+    patched = mame.patch.timm(tiny_vit, tau=-1.0, layers=DEPTH)
+    with bench.BlockTokens(patched) as counter, torch.inference_mode():
+        patched(images)
+        assert counter.last == patched.mame.last_token_counts and counter.last[0] < full
+    assert not bench.BlockTokens(torch.nn.Linear(2, 2)).countable
+    with pytest.raises(ValueError, match="blocks"):
+        bench.tokens_per_block(torch.nn.Linear(2, 2))
+    mame.unpatch(tiny_vit)
+
+
 def test_compare_returns_sane_fields(tiny_vit, images, clock):
     charge_block_tokens(tiny_vit, clock)
     variants = [bench.Variant("none", "none"), bench.Variant("MaMe τ=-1", "mame", {"tau": -1.0, "layers": DEPTH}),
@@ -160,8 +179,9 @@ def test_compare_returns_sane_fields(tiny_vit, images, clock):
         assert result.speedup.ratios == (DEPTH * full / block_inputs,) * 3
         assert result.efficiency == pytest.approx(result.speedup.ratio / result.flop_ratio)
         assert result.peak_memory is not None and result.peak_memory > 0
-    report = bench.results_to_json(results, bench.run_meta("tiny", images))
-    assert json.loads(json.dumps(report))["meta"]["batch"] == BATCH
+    report = bench.results_to_json(results, bench.run_meta("tiny", images, load=0.25))
+    meta = json.loads(json.dumps(report))["meta"]
+    assert meta["batch"] == BATCH and meta["load_average_1min"] == 0.25
     assert report["results"][1]["speedup"]["pairs"] == 3
     assert bench.results_table(results).row_count == len(results)
 
@@ -210,6 +230,12 @@ def test_merge_free_copy_replays_every_forward_without_merging(tiny_vit, method,
         assert len({tuple(c) for c in real_counts}) > 1, "test images should merge differently"
 
 
+def test_bound_timing_raises_pairs_and_sample_time_to_the_minimum():
+    assert bench.bound_timing(3, 0.0) == {"pairs": bench.BOUND_PAIRS, "min_time": bench.BOUND_MIN_TIME}
+    assert bench.bound_timing(21, 1.5) == {"pairs": 21, "min_time": 1.5}  # more careful settings are kept
+    assert bench.BOUND_PAIRS >= 9 and bench.BOUND_MIN_TIME >= 0.2
+
+
 def test_merge_free_copy_rejects_unpatched_model(tiny_vit):
     with pytest.raises(ValueError, match="no merging blocks"):
         bench.merge_free_copy(tiny_vit, lambda: None)
@@ -223,7 +249,9 @@ def test_compare_one_at_a_time_with_bound(tiny_vit, clock):
     none, mame_result, no_blocks = bench.compare(tiny_vit, x, variants, pairs=3, warmup=1, progress=False,
                                                  bound=True, one_at_a_time=True)
     assert none.bound is None and none.of_bound is None and no_blocks.bound is None
-    assert mame_result.bound is not None and mame_result.bound.pairs == 3
+    # The bound is the denominator of "of bound": timed with at least BOUND_PAIRS pairs, the speed-up with the 3 asked.
+    assert mame_result.bound is not None and mame_result.bound.pairs == bench.BOUND_PAIRS > 3
+    assert mame_result.speedup.pairs == 3
     assert mame_result.of_bound == pytest.approx(mame_result.speedup.ratio / mame_result.bound.ratio)
     single_flops = bench.count_flops(tiny_vit, x[:1])
     assert none.flops == 3 * single_flops  # one forward per image
@@ -243,3 +271,37 @@ def test_compare_one_at_a_time_with_bound(tiny_vit, clock):
     mame.unpatch(tiny_vit)
     with pytest.raises(ValueError, match="batch tensor"):
         bench.compare(tiny_vit, (x,), variants, progress=False, one_at_a_time=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+def test_load_average_is_read_and_guarded(monkeypatch):
+    monkeypatch.setattr(bench.load.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert bench.load_average() == 1.5
+    assert bench.run_meta("tiny", torch.zeros(1, 3))["load_average_1min"] == 1.5
+
+    def unavailable():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(bench.load.os, "getloadavg", unavailable)
+    assert bench.load_average() is None
+    monkeypatch.delattr(bench.load.os, "getloadavg")  # Windows has none at all
+    assert bench.load_average() is None
+    assert bench.run_meta("tiny", torch.zeros(1, 3))["load_average_1min"] is None
+
+
+def test_high_load_warns_in_yellow(monkeypatch):
+    from rich.console import Console
+
+    assert bench.load_warning(None, 2) is None and bench.load_warning(1.0, 2) is None  # 0.5 x 2 threads = 1.0
+    assert "load average 1.10" in bench.load_warning(1.1, 2)
+    monkeypatch.setattr(bench.load.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    console = Console(record=True, width=300, file=io.StringIO(), force_terminal=True, color_system="standard")
+    assert bench.report_load(console, threads=2) == 3.0
+    styled = console.export_text(styles=True, clear=False)
+    assert "load average (1 min): 3.00" in console.export_text() and "warning: load average 3.00" in styled.replace(
+        "\x1b[0m", "").replace("\x1b[1;33m", "").replace("\x1b[33m", "")
+    assert "\x1b[33m" in styled  # yellow
+    quiet = Console(record=True, width=300, file=io.StringIO())
+    monkeypatch.setattr(bench.load.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    bench.report_load(quiet, threads=2)
+    assert "0.20" in quiet.export_text() and "warning" not in quiet.export_text()

@@ -6,15 +6,19 @@ import os
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
 from mame.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DataConfig,
+    data_config,
     fashion_mnist,
     fashion_mnist_available,
     fashion_mnist_raw,
+    fit_image,
     preprocess,
     sample_photos,
     to_model_input,
@@ -39,17 +43,47 @@ def test_sample_photos_are_20_distinct_rgb_photos_in_fixed_order() -> None:
         sample_photos(len(photos) + 1)
 
 
-def test_preprocess_letterbox_and_crop() -> None:
+def test_preprocess_centre_crops_by_default_and_letterboxes_on_request() -> None:
     # A wide image of exactly the mean colour: normalises to 0 where there is image, -mean/std in the padding.
     colour = tuple(round(m * 255) for m in IMAGENET_MEAN)
     wide = Image.new("RGB", (400, 200), colour)
-    x = preprocess([wide, wide.convert("L").convert("RGB")], size=112)
-    assert x.shape == (2, 3, 112, 112) and x.dtype == torch.float32
+    crop = preprocess([wide, wide.convert("L").convert("RGB")], size=112)
+    assert crop.shape == (2, 3, 112, 112) and crop.dtype == torch.float32
+    assert crop[0].abs().max() < 0.01  # the default fills the square with image: no padding rows
+    assert fit_image(wide, size=112).getpixel((0, 0)) == colour
+    x = preprocess(wide, size=112, mode="letterbox")
     assert x[0, :, 28:84].abs().max() < 0.01  # the image band: rows 28..83
     padding = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[0, :, :28], padding.view(3, 1, 1).expand(3, 28, 112))
-    crop = preprocess(wide, size=112, mode="center_crop")
-    assert crop.shape == (1, 3, 112, 112) and crop.abs().max() < 0.01  # no padding
+    assert fit_image(wide, size=112, mode="letterbox").getpixel((0, 0)) == (0, 0, 0)
+    with pytest.raises(ValueError, match="mode"):
+        preprocess(wide, mode="squash")
+
+
+def test_default_centre_crop_keeps_the_middle() -> None:
+    # Left third red, middle third green, right third blue: the centre crop of the wide image is all green.
+    wide = Image.new("RGB", (300, 100), (0, 255, 0))
+    wide.paste((255, 0, 0), (0, 0, 100, 100))
+    wide.paste((0, 0, 255), (200, 0, 300, 100))
+    picture = np.asarray(fit_image(wide, size=50)).astype(int)
+    assert picture.shape == (50, 50, 3) and (picture[:, 2:-2] == (0, 255, 0)).all()
+
+
+def test_preprocess_follows_the_model_data_config_as_timm_does() -> None:
+    """With a model, size, crop_pct, interpolation, mean and std come from its data config, and the result is what
+    timm's own evaluation transform gives (vit_small_patch16_224: crop_pct 0.9, mean and std 0.5)."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=1)
+    config = data_config(model)
+    assert (config.size, config.crop_pct, config.mean) == (224, 0.9, (0.5, 0.5, 0.5))
+    photo = sample_photos(1)[0][1]
+    expected = create_transform(**resolve_model_data_config(model), is_training=False)(photo)
+    assert torch.allclose(preprocess(photo, model=model)[0], expected, atol=1e-6)
+    # Without a data config: plain resize of the shorter side and centre crop, ImageNet statistics.
+    assert data_config() == data_config(torch.nn.Linear(2, 2)) == DataConfig(
+        size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0, interpolation="bicubic")
+    assert data_config(model, size=112, crop_pct=1.0).size == 112  # explicit arguments win
 
 
 @needs_fashion_mnist

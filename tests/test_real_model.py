@@ -140,7 +140,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatch, real_mo
 
     monkeypatch.setattr(models, "load", lambda **_: real_model)  # loading is tested in test_models.py
     console = Console(record=True, width=200)
-    rows = demo.run(tmp_path, num_photos=2, num_single=1, pairs=1, console=console,
+    rows = demo.run(tmp_path, num_photos=2, num_single=1, pairs=1, console=console, fit="letterbox",  # as `kept`
                     variants=[Variant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8})])
     (row,) = rows
     assert row.tokens_single[7] == kept[0]
@@ -148,6 +148,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatch, real_mo
     assert row.flop_ratio_single > 1.2
     assert 0 < row.speed_single.ratio and 0 < row.bound_single.ratio
     assert row.cls_cosine > 0.89  # measured 0.9070: 0.9699 and 0.8441 for the two photos
+    assert row.bound_single.pairs >= 9  # the bound is timed more carefully than the 1 pair asked for
     text = console.export_text()
-    assert "merge-free" in text and "MaMe τ=0.8" in text
+    assert "merge-free" in text and "MaMe τ=0.8" in text and "load average (1 min)" in text
     assert (tmp_path / "merge_map.png").stat().st_size > 10_000

@@ -19,7 +19,7 @@ from torch import nn
 
 import mame
 from mame.blocks import MergeRuntime
-from mame.bench import count_flops, paired_speedup
+from mame.bench import count_flops, paired_speedup, tokens_per_block
 from mame.patch.timm import resolve_layers
 
 TargetKind = Literal["tokens", "flops", "speedup"]
@@ -127,7 +127,7 @@ def calibrate(
     with torch.inference_mode(), Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"calibrating τ for a {kind} target of {target:g}", total=None)
         base_flops = count_flops(base, images)
-        total_tokens = base.patch_embed.num_patches + base.num_prefix_tokens
+        total_tokens = tokens_per_block(base)[block_index]
 
         def patched(tau: float) -> nn.Module:
             bar.advance(task)
@@ -137,8 +137,7 @@ def calibrate(
             return base_flops / count_flops(patched(tau), images)
 
         def kept_share(tau: float) -> float:
-            patched(tau)(images)
-            return probe.mame.last_token_counts[block_index] / total_tokens
+            return tokens_per_block(patched(tau), images)[block_index] / total_tokens
 
         if kind == "tokens":
             tau = _bisect(kept_share, target, increasing_in_tau=True, steps=steps, history=history)

