@@ -83,13 +83,16 @@ class AttentionLayout:
 # ------------------------------------------------------------------------------------------------ token layouts
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Samples attended in one call: ``rows`` picks their tokens from the packed (T, ...) tokens, each sample padded
-    to ``length`` by repeating its first token (masked as a key by ``key_bias``, its output dropped)."""
+    """Samples attended in one call. ``rows`` picks their tokens from the packed (T, ...) tokens, each sample padded
+    to ``length`` by repeating its first token (masked as a key by ``key_bias``); ``targets`` says where each output
+    row goes (T, one past the last packed row, for padding). Both are None when the group is the packed range
+    [start, start + count * length) itself: then nothing is gathered or scattered."""
 
     count: int
     length: int
-    rows: torch.Tensor | None  # None: the group is the packed range [start, start + count * length)
     start: int
+    rows: torch.Tensor | None
+    targets: torch.Tensor | None
     key_bias: torch.Tensor | None  # (count, 1, 1, length) float: -inf on padding, plus log(size) if proportional
 
 
@@ -135,7 +138,6 @@ class PackedTokens:
     length: int
     rows: torch.Tensor  # (T,) flat row (b * L + position) of every real token, sample by sample
     groups: tuple[AttentionGroup, ...]
-    order: torch.Tensor | None  # (T,) row of each packed token in the stacked group outputs; None: already in order
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.rows)
@@ -145,7 +147,9 @@ class PackedTokens:
         return out.index_copy_(0, self.rows, tokens).view(self.batch, self.length, *tokens.shape[1:])
 
     def attend(self, q, k, v, scale, dropout_p, qk_norm):
-        outputs = []
+        total = q.shape[0]
+        # One spare row receives the outputs of padding positions, so every group is written in one step.
+        out = q.new_empty(total + 1, q.shape[1] * v.shape[2])
         for group in self.groups:
             if group.rows is None:
                 parts = [t.narrow(0, group.start, group.count * group.length) for t in (q, k, v)]
@@ -153,13 +157,18 @@ class PackedTokens:
                 parts = [t.index_select(0, group.rows) for t in (q, k, v)]
             gq, gk, gv = (t.view(group.count, group.length, *t.shape[1:]) for t in parts)
             gq, gk = qk_norm(gq, gk)
-            outputs.append(attend(gq, gk, gv, group.key_bias, scale, dropout_p).flatten(0, 1))
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return out if self.order is None else out.index_select(0, self.order)
+            result = attend(gq, gk, gv, group.key_bias, scale, dropout_p).flatten(0, 1)
+            if group.targets is None:
+                out.narrow(0, group.start, len(result)).copy_(result)
+            else:
+                out.index_copy_(0, group.targets, result)
+        return out.narrow(0, 0, total)
 
 
-# Cost of one attention group on CPU, in seconds: a fixed part (call overhead, the gather of its rows) plus its score
-# matrix, from benchmarks/bench_attention.py on the 2-core machine these numbers were measured on.
+# Cost of one attention group, in seconds: a fixed part (call overhead, the gathers of its rows) plus its score
+# matrix. CPU: fitted by benchmarks/bench_attention.py on the 2-core machine of benchmarks/attention_paths.md. CUDA
+# was not measured here (no GPU at hand): a kernel launch costs microseconds while a score element costs picoseconds,
+# so these placeholders group samples much more eagerly; re-fit them on the GPU before trusting them.
 GROUP_OVERHEAD_S = {"cpu": 40e-6, "cuda": 20e-6}
 SCORE_ELEMENT_S = {"cpu": 2.2e-9, "cuda": 2e-12}
 
@@ -183,7 +192,7 @@ def group_samples(lengths: list[int], heads: int, device_type: str) -> list[list
     while end > 0:
         groups.append(sorted(order[cut[end]:end]))
         end = cut[end]
-    return sorted(groups)  # by first sample: outputs then often come back in packed order with no reordering
+    return sorted(groups)  # by first sample
 
 
 def packed_layout(mask: torch.Tensor, sizes: torch.Tensor | None, proportional: bool, heads: int,
@@ -199,28 +208,25 @@ def packed_layout(mask: torch.Tensor, sizes: torch.Tensor | None, proportional: 
     log_sizes = None
     if proportional and sizes is not None:
         log_sizes = sizes.view(-1).index_select(0, rows).log().to(dtype)  # (T,)
-    groups, stacked_rows = [], []
+    total = len(rows)
+    groups = []
     for members in group_samples(lengths, heads, device.type):
         longest = max(lengths[i] for i in members)
+        start = starts[members[0]]
         position = torch.arange(longest, device=device)
         real = torch.stack([position < lengths[i] for i in members])  # (count, longest)
         first = torch.tensor([starts[i] for i in members], device=device).unsqueeze(1)
         group_rows = torch.where(real, first + position, first).view(-1)  # padding repeats the sample's first token
-        stacked_rows.append(torch.where(real.view(-1), group_rows, -1))
-        contiguous = all(lengths[i] == longest for i in members) and members == list(
-            range(members[0], members[0] + len(members)))
         key_bias = None
         if log_sizes is not None or not bool(real.all()):
             key_bias = torch.zeros(real.shape, device=device, dtype=dtype).masked_fill(~real, float("-inf"))
             if log_sizes is not None:
                 key_bias = key_bias + log_sizes.index_select(0, group_rows).view(real.shape)
             key_bias = key_bias[:, None, None, :]
-        groups.append(AttentionGroup(len(members), longest, None if contiguous else group_rows,
-                                     starts[members[0]], key_bias))
-    stacked = torch.cat(stacked_rows)
-    order = None
-    if not torch.equal(stacked, torch.arange(stacked.numel(), device=device)):
-        order = torch.empty(len(rows), dtype=torch.long, device=device)
-        kept = stacked >= 0
-        order[stacked[kept]] = kept.nonzero().squeeze(1)
-    return PackedTokens(batch, length, rows, tuple(groups), order)
+        if all(lengths[i] == longest for i in members) and members == list(range(members[0], members[-1] + 1)):
+            # Consecutive samples of equal length: a range of the packed tokens, attended in place.
+            groups.append(AttentionGroup(len(members), longest, start, None, None, key_bias))
+        else:
+            targets = torch.where(real.view(-1), group_rows, total)
+            groups.append(AttentionGroup(len(members), longest, start, group_rows, targets, key_bias))
+    return PackedTokens(batch, length, rows, tuple(groups))

@@ -320,26 +320,38 @@ def block_forward(
     return x
 
 
+def _attention(block: nn.Module, layout: BlockLayout, tokens_layout: TokenLayout, tokens: torch.Tensor,
+               want_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention branch's output (before LayerScale and drop-path) and, if wanted, the raw keys in the padded
+    layout. A function of its own so that q, k, v and the normed tokens are freed before the MLP runs (they would
+    otherwise raise the block's peak memory by about a third)."""
+    parts = layout.attention
+    attn = getattr(block, layout.attn)
+    normed = layout.part(block, layout.norm1)(tokens)
+    q, k, v = parts.qkv(attn, normed)
+    out = tokens_layout.attend(q, k, v, parts.scale(attn), parts.dropout(attn) if block.training else 0.0,
+                               functools.partial(parts.qk_norm, attn))
+    return parts.output(attn, out, normed), (tokens_layout.unpack(k) if want_keys else None)
+
+
 def _block_branches(block: nn.Module, x: torch.Tensor, layout: BlockLayout, runtime: MergeRuntime,
                     merger: Merger | None, proportional_attention: bool, state: TokenState) -> torch.Tensor:
-    part, parts = layout.part, layout.attention
-    attn = getattr(block, layout.attn)
-    heads = parts.heads(attn)
+    part = layout.part
+    heads = layout.attention.heads(getattr(block, layout.attn))
     # Training keeps the padded batch: drop-path and dropout draw per sample.
     packed = runtime.packed and not block.training
     tokens_layout = state.token_layout(x, proportional_attention, heads, packed)
     tokens = tokens_layout.pack(x)
-    normed = part(block, layout.norm1)(tokens)
-    q, k, v = parts.qkv(attn, normed)
-    out = tokens_layout.attend(q, k, v, parts.scale(attn), parts.dropout(attn) if block.training else 0.0,
-                               functools.partial(parts.qk_norm, attn))
-    tokens = tokens + part(block, layout.drop_path1)(part(block, layout.ls1)(parts.output(attn, out, normed)))
+    attended, keys = _attention(block, layout, tokens_layout, tokens, merger is not None and merger.needs_keys)
+    tokens = tokens + part(block, layout.drop_path1)(part(block, layout.ls1)(attended))
+    del attended
     if merger is not None:
-        keys = tokens_layout.unpack(k) if merger.needs_keys else None
         x = merger(tokens_layout.unpack(tokens), state, keys)
+        del keys
         state.merges += 1
         tokens_layout = state.token_layout(x, proportional_attention, heads, packed)
         tokens = tokens_layout.pack(x)
+    del x  # the caller's tensor stays alive; this frame's reference to it need not
     mlp = getattr(block, layout.mlp)
     tokens = tokens + part(block, layout.drop_path2)(part(block, layout.ls2)(mlp(part(block, layout.norm2)(tokens))))
     return tokens_layout.unpack(tokens)

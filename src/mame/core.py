@@ -443,7 +443,10 @@ def merge(
     device = x.device
     split = token_split(length, num_special, partition, float(dst_ratio), seed, str(device))
     dst_idx, src_idx = split.dst_idx, split.src_idx
-    sizes_in = torch.ones(batch, length, device=device, dtype=torch.float32) if sizes is None else sizes.float()
+    if sizes is None:
+        sizes_in = torch.ones(batch, length, device=device, dtype=torch.float32)
+    else:
+        sizes_in = sizes if sizes.dtype == torch.float32 else sizes.float()
 
     pair_mask = None
     if causal == "strict":
@@ -467,7 +470,8 @@ def merge(
     if batch == 1 and mask is None:
         batch_rule = "any"  # one sample: both rules agree, and the uniform layout needs no padding machinery
     fused_total = weights.sum(dim=-2)  # (B, N) the weight each source gives away in all; 0 = not fused
-    preserved = fused_total == 0  # m_j of section 3.3
+    not_fused = fused_total == 0
+    preserved = not_fused  # m_j of section 3.3
     if src_real is not None:
         preserved = preserved & src_real  # padding is never "preserved"
     if batch_rule == "any" and batch > 1:
@@ -481,19 +485,25 @@ def merge(
     # weights; dividing them by 1 keeps inf and NaN out of the product and its gradient.
     size_src = split.src(sizes_in)
     total = fused_total.to(size_src.dtype)
-    per_weight = size_src / total.masked_fill(total == 0, 1.0)
-    absorbed = (weights.to(size_src.dtype) @ per_weight.unsqueeze(-1)).squeeze(-1)
-    sizes_out_dst = split.dst(sizes_in) + absorbed
+    per_weight = size_src / total.masked_fill(not_fused, 1.0)
+    sizes_out_dst = torch.baddbmm(split.dst(sizes_in).unsqueeze(-1), weights.to(size_src.dtype),
+                                  per_weight.unsqueeze(-1)).squeeze(-1)  # own size + absorbed shares
     plan_kwargs = dict(num_special=num_special, split=split, weights=weights, preserved=preserved,
                        sizes_in=sizes_in, size_weighted=size_weighted)
-    if mask is None and not discard_preserved and bool(preserved.all()):
+    # The uniform layout's kept sources come with the one host synchronisation its output length needs; they also
+    # tell whether anything merged at all.
+    kept = kept_src[0].nonzero().squeeze(-1) if mask is None and batch_rule == "any" else None
+    if kept is not None:
+        nothing_merged_anywhere = kept.numel() == src_idx.numel()
+    else:
+        nothing_merged_anywhere = mask is None and bool(preserved.all())
+    if nothing_merged_anywhere and not discard_preserved:
         # Nothing merges (e.g. tau = 1): keep the input as it is, in its own order, rather than eq 10's layout.
         out_pos = torch.cat([torch.arange(num_special, device=device), dst_idx, src_idx]).expand(batch, -1)
         lengths = torch.full((batch,), length, device=device, dtype=torch.long)
         plan = FusionPlan(**plan_kwargs, sizes=sizes_in, mask=None, lengths=lengths, _out_pos=out_pos,
                           _identity=True)
-    elif mask is None and batch_rule == "any":
-        kept = kept_src[0].nonzero().squeeze(-1)
+    elif kept is not None:
         sizes_out = torch.cat([sizes_in[:, :num_special], sizes_out_dst, size_src.index_select(1, kept)], 1)
         lengths = torch.full((batch,), sizes_out.shape[1], device=device, dtype=torch.long)
         plan = FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept)
