@@ -4,8 +4,8 @@ attention group costs (its fixed overhead and its cost per score element).
 For (samples, tokens) pairs at DINOv2-S/14's 6 heads of 64 channels it times fused SDPA and matmul-softmax-matmul on
 (n, L, heads, head_dim) views of a packed qkv (as the patched block hands them over), with and without an additive
 bias, and writes a markdown table; then it fits ``time = overhead + per_score * samples * heads * L^2`` on SDPA for
-the attention-group cost model. The rule in `mame.attention.attention_path` (MATMUL_MAX_SCORES, MATMUL_MIN_TOKENS)
-and the constants GROUP_OVERHEAD_S / SCORE_ELEMENT_S are set from this table.
+the attention-group cost model. The rule in `mame.attention.attention_path` (MATMUL_MIN_SCORES, MATMUL_MAX_SCORES, MATMUL_MAX_TOKENS)
+and the constants GROUP_OVERHEAD_S / SCORE_ELEMENT_S (plus the group's row gathers) are set from this table.
 
     python benchmarks/bench_attention.py --threads 2 --out benchmarks/attention_paths.md
 """
@@ -78,11 +78,12 @@ def main() -> None:
                              f"{times[0] / times[1]:.2f} | {times[2] * 1e6:.0f} | {times[3] * 1e6:.0f} | "
                              f"{times[2] / times[3]:.2f} | {rule} |")
                 print(lines[-1], flush=True)
-    # Least squares of SDPA-with-bias time on score elements: the attention-group cost model.
+    # Least squares of SDPA-with-bias time on score elements, in relative error (each row divided by its time, so
+    # the small calls where grouping decisions are made weigh as much as the large ones): the group cost model.
     xs = torch.tensor([s for s, _ in fit], dtype=torch.float64)
     ys = torch.tensor([t for _, t in fit], dtype=torch.float64)
-    design = torch.stack([torch.ones_like(xs), xs], 1)
-    overhead, per_score = torch.linalg.lstsq(design, ys.unsqueeze(1)).solution.squeeze(1).tolist()
+    design = torch.stack([torch.ones_like(xs), xs], 1) / ys.unsqueeze(1)
+    overhead, per_score = torch.linalg.lstsq(design, torch.ones_like(ys).unsqueeze(1)).solution.squeeze(1).tolist()
     lines += ["", f"Group cost fit (SDPA with bias): overhead {overhead * 1e6:.1f} µs per call, "
                   f"{per_score * 1e9:.2f} ns per score element."]
     print(lines[-1])

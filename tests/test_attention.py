@@ -44,15 +44,16 @@ def test_path_rule_follows_the_measured_table():
     cpu = torch.device("cpu")
     assert attention_path(cpu, 1, 6, 100, 100) == "matmul"  # small score matrix: in cache
     assert attention_path(cpu, 1, 6, 257, 257) == "sdpa"  # the unmodified DINOv2-S/14 at 224 px keeps SDPA
+    assert attention_path(cpu, 4, 6, 160, 160) == "sdpa"  # out of cache
     assert attention_path(cpu, 32, 6, 100, 100) == "sdpa"  # large batch: out of cache
     assert attention_path(cpu, 1, 6, 20, 20) == "sdpa"  # tiny: call overhead dominates
     assert attention_path(torch.device("meta"), 1, 6, 100, 100) == "sdpa"  # unmeasured devices: fused SDPA
 
 
 def test_grouping_by_hand():
-    # Per head on CPU: 40 us per call, 2.2 ns per score element. 100 and 98 tokens together: 2 calls' overhead
-    # saved (40 us) for 6 * 2 * 100^2 - 6 * (100^2 + 98^2) = 2,376 padded scores (5 us): together. 30 with them
-    # would pad 6 * (100^2 - 30^2) scores (120 us) to save 40 us: alone. Equal lengths always share a call.
+    # On CPU: 40 us per call, 2.5 ns per score element. 100 and 98 tokens together: a call's overhead
+    # saved (40 us) for 6 * 2 * 100^2 - 6 * (100^2 + 98^2) = 2,376 padded scores (6 us): together. 30 with them
+    # would pad 6 * (100^2 - 30^2) scores (137 us) to save 40 us: alone. Equal lengths always share a call.
     assert group_samples([100, 30, 98], heads=6, device_type="cpu") == [[0, 2], [1]]
     assert group_samples([64, 64, 64], heads=6, device_type="cpu") == [[0, 1, 2]]
     assert group_samples([257, 20], heads=6, device_type="cpu") == [[0], [1]]

@@ -25,18 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Largest score matrix (samples x heads x queries x keys elements) for which matmul-softmax beats fused SDPA, per
-# device type, and the shortest sequence for which it does; measured by benchmarks/bench_attention.py (table in
-# benchmarks/attention_paths.md). CPU: the unfused path is 10-30 % faster while its scores fit in L2 (2 MiB per core
-# on the machine measured) and 2x slower beyond. CUDA is not measured here: fused kernels win there, so SDPA always.
-MATMUL_MAX_SCORES = {"cpu": 300_000}
-MATMUL_MIN_TOKENS = 48
+# Where matmul-softmax beats fused SDPA, per device type: score matrices (samples x heads x queries x keys elements)
+# between MATMUL_MIN_SCORES and MATMUL_MAX_SCORES, on at most MATMUL_MAX_TOKENS keys. Measured by
+# benchmarks/bench_attention.py (table in benchmarks/attention_paths.md). CPU: there the unfused path is 10-60 %
+# faster while its scores stay in cache, and 2-2.5x slower beyond (from 160 tokens on 4 samples, at 257 tokens always);
+# below 10k scores SDPA's single call wins. CUDA is not measured here: fused kernels win there, so SDPA always.
+MATMUL_MIN_SCORES = 10_000
+MATMUL_MAX_SCORES = {"cpu": 400_000}
+MATMUL_MAX_TOKENS = 200
 
 
 def attention_path(device: torch.device, samples: int, heads: int, queries: int, keys: int) -> str:
     """``"matmul"`` or ``"sdpa"``: the faster exact attention core for this shape on this device (see the table)."""
-    limit = MATMUL_MAX_SCORES.get(device.type, 0)
-    if keys >= MATMUL_MIN_TOKENS and samples * heads * queries * keys <= limit:
+    scores = samples * heads * queries * keys
+    if keys <= MATMUL_MAX_TOKENS and MATMUL_MIN_SCORES <= scores <= MATMUL_MAX_SCORES.get(device.type, 0):
         return "matmul"
     return "sdpa"
 
@@ -166,11 +168,12 @@ class PackedTokens:
 
 
 # Cost of one attention group, in seconds: a fixed part (call overhead, the gathers of its rows) plus its score
-# matrix. CPU: fitted by benchmarks/bench_attention.py on the 2-core machine of benchmarks/attention_paths.md. CUDA
+# matrix. CPU: from benchmarks/attention_paths.md (2-core machine): SDPA's call costs about 29 us and a score element
+# 2.5 ns (relative least squares); the group's three row gathers and qk-norm calls add about 10 us. CUDA
 # was not measured here (no GPU at hand): a kernel launch costs microseconds while a score element costs picoseconds,
 # so these placeholders group samples much more eagerly; re-fit them on the GPU before trusting them.
 GROUP_OVERHEAD_S = {"cpu": 40e-6, "cuda": 20e-6}
-SCORE_ELEMENT_S = {"cpu": 2.2e-9, "cuda": 2e-12}
+SCORE_ELEMENT_S = {"cpu": 2.5e-9, "cuda": 2e-12}
 
 
 def group_samples(lengths: list[int], heads: int, device_type: str) -> list[list[int]]:

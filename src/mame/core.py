@@ -58,7 +58,7 @@ def _as_slice(positions: torch.Tensor) -> slice | None:
     return slice(start, start + step * (count - 1) + 1, step)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def token_split(
     num_tokens: int, num_special: int, partition: str, dst_ratio: float, seed: int, device: str = "cpu"
 ) -> TokenSplit:
