@@ -252,7 +252,9 @@ def test_compare_one_at_a_time_with_bound(tiny_vit, clock):
     # The bound is the denominator of "of bound": timed with at least BOUND_PAIRS pairs, the speed-up with the 3 asked.
     assert mame_result.bound is not None and mame_result.bound.pairs == bench.BOUND_PAIRS > 3
     assert mame_result.speedup.pairs == 3
-    assert mame_result.of_bound == pytest.approx(mame_result.speedup.ratio / mame_result.bound.ratio)
+    # "of bound" is timed directly, merge-free copy against the variant, in pairs of its own.
+    assert mame_result.of_bound_pairs is not None and mame_result.of_bound_pairs.pairs == bench.BOUND_PAIRS
+    assert mame_result.of_bound == mame_result.of_bound_pairs.ratio
     single_flops = bench.count_flops(tiny_vit, x[:1])
     assert none.flops == 3 * single_flops  # one forward per image
     patched = mame.patch.timm(tiny_vit, tau=0.5, layers=DEPTH)
@@ -305,3 +307,29 @@ def test_high_load_warns_in_yellow(monkeypatch):
     monkeypatch.setattr(bench.load.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     bench.report_load(quiet, threads=2)
     assert "0.20" in quiet.export_text() and "warning" not in quiet.export_text()
+
+
+def test_of_bound_is_the_merge_free_time_over_the_variant_time(tiny_vit, clock, monkeypatch):
+    """With blocks charged by their tokens and every merge charged 50 fake seconds, "of bound" is exactly the
+    merge-free time over the time with merges, measured in its own pairs."""
+    from mame.blocks import MameMerge
+
+    charge_block_tokens(tiny_vit, clock)
+    real_merge = MameMerge.__call__
+
+    def costly_merge(self, *args):
+        clock.advance(50)
+        return real_merge(self, *args)
+
+    monkeypatch.setattr(MameMerge, "__call__", costly_merge)
+    x = _smooth_images(1)  # one image: block inputs are its token counts, with no padding
+    [result] = bench.compare(tiny_vit, x, [bench.Variant("MaMe", "mame", {"tau": 0.5, "layers": DEPTH})], pairs=3,
+                             warmup=1, progress=False, bound=True, memory=False)
+    patched = mame.patch.timm(tiny_vit, tau=0.5, layers=DEPTH)
+    with torch.inference_mode():
+        patched(x)
+    full = (IMG // PATCH) ** 2 + 1
+    counts = patched.mame.last_token_counts
+    free_time = full + sum(counts[:-1])  # the blocks' input tokens
+    assert result.of_bound == pytest.approx(free_time / (free_time + 50 * DEPTH))
+    assert result.bound.ratio == pytest.approx(DEPTH * full / free_time)

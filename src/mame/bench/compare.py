@@ -81,8 +81,10 @@ class VariantResult:
         efficiency: speedup.ratio / flop_ratio, the share of the FLOP saving turned into time.
         bound: speed-up of the same model with every merge free (`merge_free_copy`), or None when not measured:
             what eager PyTorch on this machine can get from these token counts at most.
-        of_bound: speedup.ratio / bound.ratio, the share of that bound the implementation reaches (None when
-            not measured). Below 1 it is the merge's own cost; the gap from bound to FLOP ratio is the hardware's
+        of_bound: the share of that bound the implementation reaches: merge-free time / variant time, timed
+            directly in its own interleaved pairs of the two (`of_bound_pairs`), so that machine drift between the
+            speed-up's pairs and the bound's does not enter it (None when not measured). Below 1 it is the merge's
+            own cost; the gap from bound to FLOP ratio is the hardware's
             (small matrices run at fewer FLOP/s, fixed per-block costs stay).
     """
 
@@ -100,6 +102,7 @@ class VariantResult:
     efficiency: float
     bound: SpeedResult | None = None
     of_bound: float | None = None
+    of_bound_pairs: SpeedResult | None = None
 
 
 def compare(
@@ -133,7 +136,8 @@ def compare(
         dtype: floating dtype of weights and inputs (CPU: float32 or bfloat16; CUDA also float16).
         progress: show a rich progress bar on stderr.
         bound: also time each variant with its merges made free (`merge_free_copy`) and report that speed-up as
-            ``bound`` and the share of it reached as ``of_bound``. The bound is timed with at least
+            ``bound`` and the share of it reached as ``of_bound`` (merge-free vs variant in pairs of their own).
+            Both are timed with at least
             `BOUND_PAIRS` pairs of samples lasting at least `BOUND_MIN_TIME` seconds (`bound_timing`).
         one_at_a_time: run the samples of ``inputs`` (a tensor) one by one, as single-image serving does; FLOPs
             and speed cover the whole loop, tokens per block are the mean over samples.
@@ -166,7 +170,7 @@ def compare(
         for variant in variants:
             patched = variant.apply(copy.deepcopy(baseline))
             with_bound = bound and bool(merging_blocks(patched))  # nothing to make free without merges
-            task = bar.add_task(f"  {variant.name}", total=pairs + (bound_settings["pairs"] if with_bound else 0))
+            task = bar.add_task(f"  {variant.name}", total=pairs + (2 * bound_settings["pairs"] if with_bound else 0))
             run_patched = runner(patched)
             with torch.inference_mode():
                 flops = count_flops(run_patched, inputs)  # one_at_a_time: this call also leaves the token counts
@@ -178,18 +182,20 @@ def compare(
                 timed = functools.partial(paired_speedup, warmup=warmup, on_pair=lambda _: bar.advance(task))
                 speed = timed(lambda: call(run_baseline, inputs), lambda: call(run_patched, inputs), pairs=pairs,
                               min_time=min_time)
-                bound_speed = None
+                bound_speed = share = None
                 if with_bound:
                     run_free = runner(merge_free_copy(patched, lambda: call(run_patched, inputs)))
                     bound_speed = timed(lambda: call(run_baseline, inputs), lambda: call(run_free, inputs),
                                         **bound_settings)
+                    share = timed(lambda: call(run_free, inputs), lambda: call(run_patched, inputs),
+                                  **bound_settings)
             flop_ratio = baseline_flops / flops
             results.append(VariantResult(
                 name=variant.name, kind=variant.kind, kwargs=dict(variant.kwargs), speedup=speed, flops=flops,
                 baseline_flops=baseline_flops, flop_ratio=flop_ratio, tokens_per_block=tokens,
                 final_tokens=tokens[-1], peak_memory=peak, baseline_peak_memory=baseline_peak,
                 efficiency=speed.ratio / flop_ratio, bound=bound_speed,
-                of_bound=None if bound_speed is None else speed.ratio / bound_speed.ratio))
+                of_bound=None if share is None else share.ratio, of_bound_pairs=share))
             bar.remove_task(task)
             bar.advance(overall)
     return results
