@@ -56,16 +56,8 @@ def video_frames() -> list[Image.Image]:
     return frames
 
 
-def real_token_flop_ratio(model: torch.nn.Module, variant: bench.Variant, x: torch.Tensor) -> float:
-    """FLOP ratio with every image run alone: the padding-free cost of the same merges."""
-    import copy
-
-    patched = variant.apply(copy.deepcopy(model))
-    with torch.inference_mode():
-        return bench.count_flops(bench.OneAtATime(model), x) / bench.count_flops(bench.OneAtATime(patched), x)
-
-
-def row(setting: str, result, real_flop_ratio: float | None = None) -> dict:
+def row(setting: str, result) -> dict:
+    real_flop_ratio = result.real_token_flop_ratio
     bound = result.bound.ratio if result.bound is not None else None
     return dict(
         setting=setting, variant=result.name, flop_ratio=result.flop_ratio, real_token_flop_ratio=real_flop_ratio,
@@ -110,7 +102,7 @@ def main() -> None:
         for result in run(name, x, [MAME, TOME] if name == "photos" else [MAME], bound=True, one_at_a_time=True):
             keep(row(f"{name}, one at a time", result))
         for result in run(name, x, [MAME], bound=True):
-            keep(row(f"{name}, batch of {len(x)}", result, real_token_flop_ratio(model, MAME, x)))
+            keep(row(f"{name}, batch of {len(x)}", result))
     if "fmnist" not in args.skip and data.fashion_mnist_available():
         x, _ = data.fashion_mnist("test", n=32, seed=0)
         for result in run("fmnist", x, [MAME, TOME], bound=True):

@@ -333,3 +333,21 @@ def test_of_bound_is_the_merge_free_time_over_the_variant_time(tiny_vit, clock, 
     free_time = full + sum(counts[:-1])  # the blocks' input tokens
     assert result.of_bound == pytest.approx(free_time / (free_time + 50 * DEPTH))
     assert result.bound.ratio == pytest.approx(DEPTH * full / free_time)
+
+
+def test_ragged_batch_reports_the_real_token_flop_ratio(tiny_vit, clock):
+    """A per-sample batch that ends ragged is compared with the FLOP ratio of its images run alone (no padding);
+    a batch that stays uniform (the paper's batch rule) reports none."""
+    charge_block_tokens(tiny_vit, clock)
+    x = _smooth_images(4)
+    ragged, uniform = bench.compare(
+        tiny_vit, x, [bench.Variant("per-sample", "mame", {"tau": 0.5, "layers": DEPTH}),
+                      bench.Variant("any", "mame", {"tau": 0.5, "layers": DEPTH, "batch_rule": "any"})],
+        pairs=1, warmup=0, progress=False, memory=False)
+    alone = bench.count_flops(bench.OneAtATime(tiny_vit), x)
+    patched = mame.patch.timm(tiny_vit, tau=0.5, layers=DEPTH)
+    assert ragged.real_token_flop_ratio == pytest.approx(alone / bench.count_flops(bench.OneAtATime(patched), x))
+    assert ragged.real_token_flop_ratio > ragged.flop_ratio  # the batch's own count includes its padding
+    assert uniform.real_token_flop_ratio is None
+    headers = [column.header for column in bench.results_table([ragged, uniform]).columns]
+    assert "real-token FLOP ratio" in headers

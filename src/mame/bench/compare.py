@@ -30,6 +30,12 @@ from mame.bench.tokens import OneAtATime, merge_runtime, tokens_per_block
 VariantKind = Literal["none", "mame", "tome"]
 
 
+def _ended_ragged(patched: nn.Module) -> bool:
+    """Whether the last forward of ``patched`` in this thread ended with a padded (ragged) batch."""
+    runtime = merge_runtime(patched)
+    return runtime is not None and runtime.state is not None and runtime.state.mask is not None
+
+
 def _unchanged(model: nn.Module) -> nn.Module:
     return model
 
@@ -81,6 +87,9 @@ class VariantResult:
         efficiency: speedup.ratio / flop_ratio, the share of the FLOP saving turned into time.
         bound: speed-up of the same model with every merge free (`merge_free_copy`), or None when not measured:
             what eager PyTorch on this machine can get from these token counts at most.
+        real_token_flop_ratio: for a batch that ended ragged (per-sample merging), the FLOP ratio with every image
+            run alone: the padding-free cost of the same merges, the ratio a ragged batch's speed-up is measured
+            against (None otherwise).
         of_bound: the share of that bound the implementation reaches: merge-free time / variant time, timed
             directly in its own interleaved pairs of the two (`of_bound_pairs`), so that machine drift between the
             speed-up's pairs and the bound's does not enter it (None when not measured). Below 1 it is the merge's
@@ -103,6 +112,7 @@ class VariantResult:
     bound: SpeedResult | None = None
     of_bound: float | None = None
     of_bound_pairs: SpeedResult | None = None
+    real_token_flop_ratio: float | None = None
 
 
 def compare(
@@ -174,6 +184,10 @@ def compare(
             run_patched = runner(patched)
             with torch.inference_mode():
                 flops = count_flops(run_patched, inputs)  # one_at_a_time: this call also leaves the token counts
+                real_flop_ratio = None
+                if not one_at_a_time and _ended_ragged(patched):
+                    real_flop_ratio = (count_flops(OneAtATime(baseline), inputs)
+                                       / count_flops(OneAtATime(patched), inputs))
                 if one_at_a_time and run_patched.counts:
                     tokens = run_patched.mean_token_counts
                 else:
@@ -195,7 +209,8 @@ def compare(
                 baseline_flops=baseline_flops, flop_ratio=flop_ratio, tokens_per_block=tokens,
                 final_tokens=tokens[-1], peak_memory=peak, baseline_peak_memory=baseline_peak,
                 efficiency=speed.ratio / flop_ratio, bound=bound_speed,
-                of_bound=None if share is None else share.ratio, of_bound_pairs=share))
+                of_bound=None if share is None else share.ratio, of_bound_pairs=share,
+                real_token_flop_ratio=real_flop_ratio))
             bar.remove_task(task)
             bar.advance(overall)
     return results

@@ -43,15 +43,20 @@ def results_table(results: Sequence[VariantResult], title: str | None = None) ->
     """A rich table: one row per variant, the speed-up next to the FLOP ratio it should be compared with (and next
     to the merge-free bound when it was measured)."""
     with_bound = any(result.bound is not None for result in results)
+    with_real = any(result.real_token_flop_ratio is not None for result in results)
     table = Table(title=title)
     table.add_column("variant")
     headers = ["tokens out", "GFLOPs", "FLOP ratio", "speed-up (min–max)", "efficiency"]
+    headers += ["real-token FLOP ratio", "of it"] if with_real else []
     headers += ["merge-free bound", "of bound"] if with_bound else []
     for header in headers + ["peak MiB"]:
         table.add_column(header, justify="right")
     for result in results:
         row = [result.name, f"{result.final_tokens:.1f}", f"{result.flops / 1e9:.2f}", f"{result.flop_ratio:.2f}x",
                str(result.speedup), f"{result.efficiency:.0%}"]
+        if with_real:
+            real = result.real_token_flop_ratio
+            row += ["–", "–"] if real is None else [f"{real:.2f}x", f"{result.speedup.ratio / real:.0%}"]
         if with_bound:
             row += ["–", "–"] if result.bound is None else [f"{result.bound.ratio:.2f}x", f"{result.of_bound:.0%}"]
         table.add_row(*row, _mib(result.peak_memory))
