@@ -5,11 +5,21 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2Model, ViTConfig,
+                          ViTForImageClassification, ViTModel)
 
 import mame
 
 HIDDEN, HEADS, DEPTH, IMG, PATCH = 64, 4, 3, 32, 8
+
+
+def randomise_norms(model: torch.nn.Module) -> None:
+    """Give every LayerNorm its own affine map, so that describing one norm as another shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
 
 
 def hf_dinov2(seed: int = 0) -> Dinov2Model:
@@ -22,31 +32,52 @@ def hf_dinov2(seed: int = 0) -> Dinov2Model:
             layer.layer_scale1.lambda1.uniform_(0.2, 0.8)
             layer.layer_scale2.lambda1.uniform_(0.2, 0.8)
         model.embeddings.position_embeddings.normal_(0, 0.05)
+    randomise_norms(model)
     return model
 
 
-def timm_twin(hf: Dinov2Model) -> torch.nn.Module:
-    """The same network as a timm VisionTransformer, weights copied over (q, k, v stacked into qkv)."""
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=IMG, patch_size=PATCH,
-                              embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS, init_values=1.0, num_classes=0,
-                              dynamic_img_size=False).eval()
+def hf_vit(seed: int = 0, classifier: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                       intermediate_size=4 * HIDDEN, image_size=IMG, patch_size=PATCH, layer_norm_eps=1e-6,
+                       num_labels=5)
+    model = (ViTForImageClassification if classifier else ViTModel)(config).eval()
+    with torch.no_grad():
+        (model.vit if classifier else model).embeddings.position_embeddings.normal_(0, 0.05)
+    randomise_norms(model)
+    return model
+
+
+def timm_twin(hf: torch.nn.Module) -> torch.nn.Module:
+    """The same network as a timm VisionTransformer, weights copied over (q, k, v stacked into qkv); DINOv2 with
+    LayerScale, ViT without."""
+    dinov2 = isinstance(hf, Dinov2Model)
+    model = timm.create_model("vit_small_patch14_dinov2" if dinov2 else "vit_small_patch16_224", pretrained=False,
+                              img_size=IMG, patch_size=PATCH, embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS,
+                              init_values=1.0 if dinov2 else None, num_classes=0, dynamic_img_size=False).eval()
     source = hf.state_dict()
     state = {"cls_token": source["embeddings.cls_token"], "pos_embed": source["embeddings.position_embeddings"],
              "patch_embed.proj.weight": source["embeddings.patch_embeddings.projection.weight"],
              "patch_embed.proj.bias": source["embeddings.patch_embeddings.projection.bias"],
              "norm.weight": source["layernorm.weight"], "norm.bias": source["layernorm.bias"]}
+    norms = (("norm1", "norm1"), ("norm2", "norm2")) if dinov2 else (("layernorm_before", "norm1"),
+                                                                      ("layernorm_after", "norm2"))
     for i in range(DEPTH):
-        hf_layer, timm_block = f"encoder.layer.{i}.", f"blocks.{i}."
+        hf_layer, timm_block = f"encoder.layer.{i}." if dinov2 else f"layers.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
             state[timm_block + f"attn.qkv.{kind}"] = torch.cat(
                 [source[hf_layer + f"attention.{p}_proj.{kind}"] for p in "qkv"])
-            for hf_name, timm_name in (("norm1", "norm1"), ("norm2", "norm2"), ("attention.o_proj", "attn.proj"),
-                                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            for hf_name, timm_name in (*norms, ("attention.o_proj", "attn.proj"), ("mlp.fc1", "mlp.fc1"),
+                                       ("mlp.fc2", "mlp.fc2")):
                 state[timm_block + f"{timm_name}.{kind}"] = source[hf_layer + f"{hf_name}.{kind}"]
-        state[timm_block + "ls1.gamma"] = source[hf_layer + "layer_scale1.lambda1"]
-        state[timm_block + "ls2.gamma"] = source[hf_layer + "layer_scale2.lambda1"]
+        if dinov2:
+            state[timm_block + "ls1.gamma"] = source[hf_layer + "layer_scale1.lambda1"]
+            state[timm_block + "ls2.gamma"] = source[hf_layer + "layer_scale2.lambda1"]
     model.load_state_dict(state, strict=True)
     return model
+
+
+FAMILIES = {"dinov2": hf_dinov2, "vit": hf_vit}
 
 
 def images(batch: int = 3) -> torch.Tensor:
@@ -59,31 +90,36 @@ def images(batch: int = 3) -> torch.Tensor:
     return torch.stack([flat, noise, half])[:batch]
 
 
-def test_timm_twin_is_the_same_network():
-    hf = hf_dinov2()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_timm_twin_is_the_same_network(family):
+    hf = FAMILIES[family]()
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(timm_twin(hf).forward_features(x), hf(x).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch_rule", ["per_sample", "any"])
-def test_hf_patch_equals_timm_patch(batch_rule):
-    """The description (q/k/v projections, LayerScale names, no class token merging) gives exactly timm's merges."""
-    hf = hf_dinov2()
+def test_hf_patch_equals_timm_patch(family, batch_rule):
+    """The description (q/k/v projections, norm and LayerScale names, no class token merging) gives exactly timm's
+    merges."""
+    hf = FAMILIES[family]()
     twin = timm_twin(hf)
     x = images()
     with torch.no_grad():
-        mame.patch.hf(hf, tau=0.3, layers=DEPTH, batch_rule=batch_rule)
-        mame.patch.timm(twin, tau=0.3, layers=DEPTH, batch_rule=batch_rule)
+        mame.patch.hf(hf, tau=0.2, layers=DEPTH, batch_rule=batch_rule)
+        mame.patch.timm(twin, tau=0.2, layers=DEPTH, batch_rule=batch_rule)
         got, expected = hf(x), twin.forward_features(x)
     assert hf.mame.last_token_counts == twin.mame.last_token_counts
     assert hf.mame.last_token_counts[-1] < (IMG // PATCH) ** 2 + 1  # it merged
     torch.testing.assert_close(got.last_hidden_state, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.pooler_output, expected[:, 0], atol=1e-5, rtol=1e-5)
+    if family == "dinov2":  # its pooler output is the class token (ViT's is a dense layer on it)
+        torch.testing.assert_close(got.pooler_output, expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_tau_one_equals_unpatched_and_unpatch_restores():
-    model = hf_dinov2()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tau_one_equals_unpatched_and_unpatch_restores(family):
+    model = FAMILIES[family]()
     x = images()
     with torch.no_grad():
         reference = model(x).last_hidden_state
@@ -92,15 +128,16 @@ def test_tau_one_equals_unpatched_and_unpatch_restores():
         mame.patch.hf(model, tau=0.5, layers=DEPTH)
         assert not torch.allclose(model(x).last_hidden_state[:, :1], reference[:, :1], atol=1e-4)
         mame.unpatch(model)
-        assert type(model) is Dinov2Model and not hasattr(model, "mame")
+        assert type(model) in (Dinov2Model, ViTModel) and not hasattr(model, "mame")
         assert torch.equal(model(x).last_hidden_state, reference)
 
 
-def test_per_sample_batch_equals_batch_of_one_and_unmerges():
-    model = hf_dinov2()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_sample_batch_equals_batch_of_one_and_unmerges(family):
+    model = FAMILIES[family]()
     x = images()
     with torch.no_grad():
-        mame.patch.hf(model, tau=0.3, layers=DEPTH)
+        mame.patch.hf(model, tau=0.2, layers=DEPTH)
         batch = model(x)
         lengths = model.mame.state.counts[-1]
         assert len(set(lengths.tolist())) == 3, "the images must merge differently"
@@ -113,7 +150,7 @@ def test_per_sample_batch_equals_batch_of_one_and_unmerges():
 
 
 def test_refuses_models_it_cannot_describe():
-    with pytest.raises(ValueError, match="Dinov2Model"):
+    with pytest.raises(ValueError, match="Dinov2Model, ViTModel"):
         mame.patch.hf(torch.nn.Linear(2, 2))
     classifier = Dinov2ForImageClassification(hf_dinov2().config)
     with pytest.raises(ValueError, match="pool patch tokens"):  # it averages the patch tokens: not size-weighted yet
@@ -143,3 +180,19 @@ def test_real_dinov2_in_transformers_merges_exactly_as_in_timm(real_model, real_
     assert hf.mame.last_token_counts == twin.mame.last_token_counts
     assert hf.mame.last_token_counts[7] < 200  # the photos merge
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vit_classifier_reads_the_class_token_of_the_merged_sequence():
+    """ViTForImageClassification: the layers of its inner ViTModel merge, its classifier reads the class token; the
+    counts live on the model that was patched."""
+    model = hf_vit(classifier=True)
+    x = images()
+    with torch.no_grad():
+        mame.patch.hf(model, tau=0.2, layers=DEPTH)
+        logits = model(x).logits
+        lengths = model.mame.state.counts[-1]
+        assert len(set(lengths.tolist())) > 1
+        expected = model.classifier(model.vit(x).last_hidden_state[:, 0])
+        singles = torch.cat([model(x[b : b + 1]).logits for b in range(len(x))])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, singles, atol=1e-5, rtol=1e-5)

@@ -5,15 +5,16 @@ attention module runs in pieces (`AttentionLayout`: separate q/k/v projections h
 `mame.attention.attend` whatever ``attn_implementation`` the model was loaded with (eager, SDPA, flash): it is exact,
 takes the padding and log(size) bias, and picks its path per shape; the model's own attention function is not used.
 
-Families so far: DINOv2 (`Dinov2Model`: pre-norm layers with LayerScale; its pooler output is the class token, which
-never merges). Models whose head pools the patch tokens (e.g. `Dinov2ForImageClassification`, which averages them)
-are refused until their pooling is size-weighted. ``last_hidden_state`` and ``hidden_states`` are the merged,
+Families so far: DINOv2 (`Dinov2Model`: pre-norm layers with LayerScale) and ViT (`ViTModel`,
+`ViTForImageClassification`: pre-norm layers, hidden dropout on each branch). Their pooled outputs and classifiers
+read the class token, which never merges. Models whose head pools the patch tokens (e.g.
+`Dinov2ForImageClassification`, which averages them) are refused until their pooling is size-weighted. ``last_hidden_state`` and ``hidden_states`` are the merged,
 per-sample padded tokens: ``model.mame.unmerge`` maps the last one back to the patch grid.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -57,19 +58,28 @@ DINOV2_LAYOUT = BlockLayout(attention=QKV_PROJ_ATTENTION, norm1="norm1", attn="a
                             drop_path2="drop_path")
 
 
-def _dinov2_model() -> type:
+VIT_LAYOUT = BlockLayout(attention=QKV_PROJ_ATTENTION, norm1="layernorm_before", attn="attention", ls1=None,
+                         drop_path1="dropout", norm2="layernorm_after", mlp="mlp", ls2=None, drop_path2="dropout")
+
+# transformers class name -> (its patched layers, their description).
+_FAMILIES: dict[str, tuple[Callable[[nn.Module], list[nn.Module]], BlockLayout]] = {
+    "Dinov2Model": (lambda model: list(model.encoder.layer), DINOV2_LAYOUT),
+    "ViTModel": (lambda model: list(model.layers), VIT_LAYOUT),
+    "ViTForImageClassification": (lambda model: list(model.vit.layers), VIT_LAYOUT),
+}
+
+
+def _family(model: nn.Module) -> tuple[Callable[[nn.Module], list[nn.Module]], BlockLayout]:
+    """The description of ``model``'s family; a ValueError naming the class for any other model."""
     try:
-        from transformers import Dinov2Model
+        import transformers
     except ImportError as error:  # the optional extra
         raise ImportError("mame.patch.hf needs transformers: pip install 'mame[hf]'") from error
-    return Dinov2Model
-
-
-def check_model(model: nn.Module) -> None:
-    """Raise a ValueError naming the class when ``model`` is not a transformers model we can describe."""
-    if not isinstance(model, _dinov2_model()):
-        raise ValueError(f"mame.patch.hf supports transformers' Dinov2Model so far, got {type(model).__name__} "
-                         "(heads that pool patch tokens need size-weighted pooling first)")
+    for name, family in _FAMILIES.items():
+        if isinstance(model, getattr(transformers, name)):
+            return family
+    raise ValueError(f"mame.patch.hf supports transformers' {', '.join(_FAMILIES)} so far, got "
+                     f"{type(model).__name__} (heads that pool patch tokens need size-weighted pooling first)")
 
 
 def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int | Sequence[int] = 8, *,
@@ -78,7 +88,7 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
              check: bool = False, metric: str = "x") -> nn.Module:
     """Apply MaMe in place to a transformers vision encoder, with the options and defaults of `mame.patch.timm`
     (see there); the class token never merges. Undo with ``mame.unpatch(model)``."""
-    check_model(model)
-    return install_mame(model, list(model.encoder.layer), DINOV2_LAYOUT, 1, ScopedForward, tau=tau, layers=layers,
+    blocks, layout = _family(model)
+    return install_mame(model, blocks(model), layout, 1, ScopedForward, tau=tau, layers=layers,
                         batch_rule=batch_rule, partition=partition, prune=prune, size_weighted=size_weighted,
                         proportional_attention=proportional_attention, packed=packed, check=check, metric=metric)
