@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2Model, ViTConfig,
-                          ViTForImageClassification, ViTModel)
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionModel, Dinov2Config, Dinov2ForImageClassification,
+                          Dinov2Model, ViTConfig, ViTForImageClassification, ViTModel)
 
 import mame
 
@@ -235,3 +235,46 @@ def test_gradient_checkpointing_replays_give_the_same_gradients(family, monkeypa
     assert plain_grads.keys() == replayed_grads.keys() and len(plain_grads) > 10
     for name, grad in plain_grads.items():
         torch.testing.assert_close(replayed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def tiny_clip(seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
+                  image_size=IMG, patch_size=PATCH)
+    text = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
+                vocab_size=99, max_position_embeddings=16)
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=32)).eval()
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.normal_(0, 0.05)
+    randomise_norms(model)
+    return model
+
+
+def test_clip_image_features_merge_per_image_and_text_stays_untouched():
+    """CLIPModel: the vision tower's layers merge, both through ``forward`` and ``get_image_features`` (the tower
+    opens each forward's state); per-sample batches give each image its batch-of-one features; the text tower is
+    not patched; τ = 1 and unpatch give the original features."""
+    model = tiny_clip()
+    x = images()
+    ids = torch.tensor([[1, 5, 7, 2], [1, 9, 2, 0]])
+    with torch.no_grad():
+        reference = model.get_image_features(pixel_values=x).pooler_output
+        text_reference = model.get_text_features(input_ids=ids).pooler_output
+        mame.patch.hf(model, tau=1.0, layers=DEPTH)
+        torch.testing.assert_close(model.get_image_features(pixel_values=x).pooler_output, reference, atol=1e-5,
+                                   rtol=0)
+        mame.patch.hf(model, tau=0.2, layers=DEPTH)
+        merged = model.get_image_features(pixel_values=x).pooler_output
+        lengths = model.mame.state.counts[-1]
+        assert len(set(lengths.tolist())) > 1, "the images must merge differently"
+        assert not torch.allclose(merged, reference, atol=1e-4)
+        singles = torch.cat([model.get_image_features(pixel_values=x[b : b + 1]).pooler_output for b in range(3)])
+        torch.testing.assert_close(merged, singles, atol=1e-5, rtol=1e-5)
+        logits = model(input_ids=ids, pixel_values=x).logits_per_image
+        assert logits.shape == (3, 2)
+        torch.testing.assert_close(model.get_text_features(input_ids=ids).pooler_output, text_reference, atol=0,
+                                   rtol=0)
+        assert not any(hasattr(layer, "_mame_layout") for layer in model.text_model.modules())
+        mame.unpatch(model)
+        assert type(model.vision_model) is CLIPVisionModel and not hasattr(model.vision_model, "mame")
+        assert torch.equal(model.get_image_features(pixel_values=x).pooler_output, reference)

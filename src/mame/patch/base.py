@@ -104,16 +104,23 @@ def install(
     runtime: MergeRuntime,
     proportional_attention: bool = False,
     model_mixin: type[ScopedForward] = ScopedForward,
+    scoped: nn.Module | None = None,
 ) -> nn.Module:
-    """Patch ``blocks`` in place; every block is patched so padding and sizes carry through the unmerged ones too."""
+    """Patch ``blocks`` in place; every block is patched so padding and sizes carry through the unmerged ones too.
+
+    ``scoped`` is the module whose ``forward`` opens each forward's state (default ``model``): a tower inside a
+    larger model when the model reaches it through other methods (CLIP's ``get_image_features``)."""
     unpatch(model)
     for index, block in enumerate(blocks):
         merger = mergers.get(index)
         set_attributes(block, runtime, _mame_layout=layout, _mame_runtime=runtime, _mame_merger=merger,
                        _mame_proportional=proportional_attention)
         swap_class(block, PatchedBlock, runtime)
-    swap_class(model, model_mixin, runtime)
+    scoped = model if scoped is None else scoped
+    swap_class(scoped, model_mixin, runtime)
     set_attributes(model, runtime, mame=runtime)
+    if scoped is not model:
+        set_attributes(scoped, runtime, mame=runtime)
     return model
 
 

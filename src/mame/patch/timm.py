@@ -267,8 +267,9 @@ def patch_timm(
 def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout, num_special: int,
                  model_mixin: type[ScopedForward], *, tau: float | Sequence[float], layers: int | Sequence[int],
                  batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
-                 packed: bool, check: bool, metric: str) -> nn.Module:
-    """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``."""
+                 packed: bool, check: bool, metric: str, scoped: nn.Module | None = None) -> nn.Module:
+    """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``
+    (``scoped``: see `mame.patch.base.install`)."""
     indices = resolve_layers(layers, len(blocks))
     taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
@@ -276,4 +277,4 @@ def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout,
     settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
                     size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=packed)
-    return install(model, blocks, layout, mergers, runtime, proportional_attention, model_mixin)
+    return install(model, blocks, layout, mergers, runtime, proportional_attention, model_mixin, scoped)
