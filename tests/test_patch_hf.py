@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 from transformers import (CLIPConfig, CLIPModel, CLIPVisionModel, Dinov2Config, Dinov2ForImageClassification,
-                          Dinov2Model, ViTConfig, ViTForImageClassification, ViTModel)
+                          Dinov2Model, SiglipConfig, SiglipModel, ViTConfig, ViTForImageClassification, ViTModel)
 
 import mame
 
@@ -237,29 +237,30 @@ def test_gradient_checkpointing_replays_give_the_same_gradients(family, monkeypa
         torch.testing.assert_close(replayed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def tiny_clip(seed: int = 0) -> CLIPModel:
+def two_towers(model_class: type, config_class: type, seed: int = 0, **extra) -> torch.nn.Module:
+    """A tiny image-text model (CLIP, SigLIP) with small position embeddings (so images merge) and random norms."""
     torch.manual_seed(seed)
     vision = dict(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
                   image_size=IMG, patch_size=PATCH)
     text = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
                 vocab_size=99, max_position_embeddings=16)
-    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=32)).eval()
+    model = model_class(config_class(vision_config=vision, text_config=text, **extra)).eval()
     with torch.no_grad():
         model.vision_model.embeddings.position_embedding.weight.normal_(0, 0.05)
     randomise_norms(model)
     return model
 
 
-def test_clip_image_features_merge_per_image_and_text_stays_untouched():
-    """CLIPModel: the vision tower's layers merge, both through ``forward`` and ``get_image_features`` (the tower
-    opens each forward's state); per-sample batches give each image its batch-of-one features; the text tower is
-    not patched; τ = 1 and unpatch give the original features."""
-    model = tiny_clip()
-    x = images()
-    ids = torch.tensor([[1, 5, 7, 2], [1, 9, 2, 0]])
+def tiny_clip() -> CLIPModel:
+    return two_towers(CLIPModel, CLIPConfig, projection_dim=32)
+
+
+def check_image_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an image-text model: τ = 1 gives the unpatched image features; τ = 0.2 merges the images differently,
+    changes their features, and a per-sample batch gives each image its batch-of-one features. Leaves the model
+    patched at τ = 0.2; returns the unpatched features and the final token counts per image."""
     with torch.no_grad():
         reference = model.get_image_features(pixel_values=x).pooler_output
-        text_reference = model.get_text_features(input_ids=ids).pooler_output
         mame.patch.hf(model, tau=1.0, layers=DEPTH)
         torch.testing.assert_close(model.get_image_features(pixel_values=x).pooler_output, reference, atol=1e-5,
                                    rtol=0)
@@ -268,13 +269,43 @@ def test_clip_image_features_merge_per_image_and_text_stays_untouched():
         lengths = model.mame.state.counts[-1]
         assert len(set(lengths.tolist())) > 1, "the images must merge differently"
         assert not torch.allclose(merged, reference, atol=1e-4)
-        singles = torch.cat([model.get_image_features(pixel_values=x[b : b + 1]).pooler_output for b in range(3)])
-        torch.testing.assert_close(merged, singles, atol=1e-5, rtol=1e-5)
-        logits = model(input_ids=ids, pixel_values=x).logits_per_image
-        assert logits.shape == (3, 2)
+        singles = torch.cat([model.get_image_features(pixel_values=x[b : b + 1]).pooler_output
+                             for b in range(len(x))])
+    torch.testing.assert_close(merged, singles, atol=1e-5, rtol=1e-5)
+    return reference, lengths
+
+
+def test_clip_image_features_merge_per_image_and_text_stays_untouched():
+    """CLIPModel: the vision tower's layers merge, both through ``forward`` and ``get_image_features`` (the tower
+    opens each forward's state); the text tower is not patched; unpatch gives the original features."""
+    model = tiny_clip()
+    x = images()
+    ids = torch.tensor([[1, 5, 7, 2], [1, 9, 2, 0]])
+    with torch.no_grad():
+        text_reference = model.get_text_features(input_ids=ids).pooler_output
+    reference, _ = check_image_features(model, x)
+    with torch.no_grad():
+        assert model(input_ids=ids, pixel_values=x).logits_per_image.shape == (3, 2)
         torch.testing.assert_close(model.get_text_features(input_ids=ids).pooler_output, text_reference, atol=0,
                                    rtol=0)
         assert not any(hasattr(layer, "_mame_layout") for layer in model.text_model.modules())
         mame.unpatch(model)
         assert type(model.vision_model) is CLIPVisionModel and not hasattr(model.vision_model, "mame")
+        assert torch.equal(model.get_image_features(pixel_values=x).pooler_output, reference)
+
+
+def tiny_siglip() -> SiglipModel:
+    return two_towers(SiglipModel, SiglipConfig)
+
+
+def test_siglip_pooling_head_weighs_merged_tokens_and_ignores_padding():
+    """SigLIP has no class token (every token may merge) and pools with an attention head: the head's keys get
+    log(size) and -inf on padding, so per-sample batches pool each image as it would be pooled alone."""
+    model = tiny_siglip()
+    x = images()
+    reference, lengths = check_image_features(model, x)
+    assert int(lengths.min()) < (IMG // PATCH) ** 2  # no class token kept back
+    with torch.no_grad():
+        mame.unpatch(model)
+        assert type(model.vision_model.head.attention) is torch.nn.MultiheadAttention
         assert torch.equal(model.get_image_features(pixel_values=x).pooler_output, reference)

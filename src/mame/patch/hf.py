@@ -25,7 +25,7 @@ from torch import nn
 
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
-from mame.patch.base import ScopedForward
+from mame.patch.base import Picklable, ScopedForward, set_attributes, swap_class
 from mame.patch.timm import install_mame
 
 
@@ -69,15 +69,32 @@ CLIP_LAYOUT = BlockLayout(attention=CLIP_ATTENTION, norm1="layer_norm1", attn="s
                           norm2="layer_norm2", mlp="mlp", ls2=None, drop_path2=None)
 
 
+class SizeAwarePooling(Picklable):
+    """Mixin for the `nn.MultiheadAttention` that pools a patched tower's tokens (SigLIP's attention-pooling head):
+    its keys get the running forward's log(size) bias, which is -inf on padding, so the pool weighs every merged
+    token by the patches it stands for and never sees padding (as `mame.patch.timm` does for timm's "map" pool)."""
+
+    def forward(self, query, key, value, *args, **kwargs):
+        state = self.mame.state
+        if (not args and kwargs.get("attn_mask") is None and state is not None and state.sizes is not None
+                and tuple(state.sizes.shape) == tuple(key.shape[:2])):
+            bias = state.sizes.log().to(key.dtype)[:, None, :].expand(-1, query.shape[1], -1)
+            kwargs["attn_mask"] = bias.repeat_interleave(self.num_heads, dim=0)  # (B * heads, queries, keys)
+        return super().forward(query, key, value, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class _Family:
-    """Where a model keeps its layers, how they are described, and which module's forward opens each forward's
-    state (the model itself, or its vision tower when other methods reach the tower directly)."""
+    """Where a model keeps its layers, how they are described, how many leading tokens never merge, which module's
+    forward opens each forward's state (the model itself, or its vision tower when other methods reach the tower
+    directly) and which attention pool reads the merged tokens."""
 
     vision: Callable[[nn.Module], nn.Module]  # the module that holds the layers
     layers: str  # attribute path of the layers inside it
     layout: BlockLayout
     scope_tower: bool = False
+    num_special: int = 1
+    pool: str | None = None  # attribute path, inside the tower, of an nn.MultiheadAttention pool
 
 
 def _itself(model: nn.Module) -> nn.Module:
@@ -92,6 +109,9 @@ _FAMILIES: dict[str, _Family] = {
     "CLIPVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT),
     "CLIPVisionModelWithProjection": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True),
     "CLIPModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True),
+    # SigLIP: no class token, an attention-pooling head; its layers are written like CLIP's.
+    "SiglipVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, num_special=0, pool="head.attention"),
+    "SiglipModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, 0, "head.attention"),
 }
 
 
@@ -113,10 +133,25 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
              size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
              check: bool = False, metric: str = "x") -> nn.Module:
     """Apply MaMe in place to a transformers vision encoder, with the options and defaults of `mame.patch.timm`
-    (see there); the class token never merges. Undo with ``mame.unpatch(model)``."""
+    (see there); the class token, where the model has one, never merges. Undo with ``mame.unpatch(model)``."""
     family = _family(model)
     tower = family.vision(model)
-    return install_mame(model, list(attrgetter(family.layers)(tower)), family.layout, 1, ScopedForward, tau=tau,
-                        layers=layers, scoped=tower if family.scope_tower else None,
-                        batch_rule=batch_rule, partition=partition, prune=prune, size_weighted=size_weighted,
-                        proportional_attention=proportional_attention, packed=packed, check=check, metric=metric)
+    install_mame(model, list(attrgetter(family.layers)(tower)), family.layout, family.num_special, ScopedForward,
+                 tau=tau, layers=layers, scoped=tower if family.scope_tower else None, batch_rule=batch_rule,
+                 partition=partition, prune=prune, size_weighted=size_weighted,
+                 proportional_attention=proportional_attention, packed=packed, check=check, metric=metric)
+    pool = _attribute(tower, family.pool)
+    if pool is not None:
+        swap_class(pool, SizeAwarePooling, model.mame)
+        set_attributes(pool, model.mame, mame=model.mame)
+    return model
+
+
+def _attribute(module: nn.Module, path: str | None) -> nn.Module | None:
+    """``module``'s submodule at the dotted ``path``, None when there is no path or no such submodule (SigLIP
+    without a head)."""
+    for name in () if path is None else path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return None if path is None else module
