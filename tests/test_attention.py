@@ -91,7 +91,7 @@ def test_packed_attention_equals_each_sample_alone(lengths, proportional, seed):
     mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     gen = torch.Generator().manual_seed(seed)
     sizes = (1 + torch.rand(batch, length, generator=gen) * 4) * mask
-    layout = packed_layout(mask, sizes, proportional, heads, torch.float32)
+    layout = packed_layout(mask, sizes if proportional else None, heads, torch.float32)
     q, k, v = qkv(batch, length, heads, seed=seed)
     packed = [layout.pack(t) for t in (q, k, v)]
     assert packed[0].shape == (sum(lengths), heads, 8)
@@ -106,7 +106,7 @@ def test_packed_attention_equals_each_sample_alone(lengths, proportional, seed):
 
 def test_pack_unpack_round_trip_and_contiguous_groups_need_no_gather():
     mask = torch.arange(200).unsqueeze(0) < torch.tensor([[60], [60], [200]])
-    layout = packed_layout(mask, None, False, 6, torch.float32)
+    layout = packed_layout(mask, None, 6, torch.float32)
     assert isinstance(layout, PackedTokens)
     x = torch.randn(3, 200, 5) * mask.unsqueeze(-1)
     tokens = layout.pack(x)

@@ -18,6 +18,7 @@ model, the unmodified one included, so no ratio is flattered by a slow baseline.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -198,19 +199,15 @@ def group_samples(lengths: list[int], heads: int, device_type: str) -> list[list
     return sorted(groups)  # by first sample
 
 
-def packed_layout(mask: torch.Tensor, sizes: torch.Tensor | None, proportional: bool, heads: int,
-                  dtype: torch.dtype) -> PackedTokens:
-    """The `PackedTokens` of a padded batch whose real tokens are a prefix of each sample (``mask`` (B, L))."""
+def packed_layout(mask: torch.Tensor, sizes: torch.Tensor | None, heads: int, dtype: torch.dtype) -> PackedTokens:
+    """The `PackedTokens` of a padded batch whose real tokens are a prefix of each sample (``mask`` (B, L));
+    ``sizes`` (B, L) are added to the attention logits as log(size) (proportional attention), None for none."""
     batch, length = mask.shape
     device = mask.device
     lengths = mask.sum(dim=1).tolist()  # one host synchronisation per merge: group shapes are host decisions
-    starts = [0]
-    for count in lengths:
-        starts.append(starts[-1] + count)
+    starts = [0, *itertools.accumulate(lengths)]
     rows = mask.view(-1).nonzero().squeeze(1)
-    log_sizes = None
-    if proportional and sizes is not None:
-        log_sizes = sizes.view(-1).index_select(0, rows).log().to(dtype)  # (T,)
+    log_sizes = None if sizes is None else sizes.view(-1).index_select(0, rows).log().to(dtype)  # (T,)
     total = len(rows)
     groups = []
     for members in group_samples(lengths, heads, device.type):

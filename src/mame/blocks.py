@@ -86,7 +86,7 @@ class TokenState:
             return self._layout
         sizes = self.sizes if proportional else None
         if self.mask is not None and packed:
-            layout = packed_layout(self.mask, sizes, proportional, heads, x.dtype)
+            layout = packed_layout(self.mask, sizes, heads, x.dtype)
         elif self.mask is None and sizes is None:
             layout = PaddedTokens(None)
         else:

@@ -20,7 +20,7 @@ from torch import nn
 import mame
 from mame.blocks import MergeRuntime
 from mame.bench import count_flops, paired_speedup, tokens_per_block
-from mame.patch.timm import resolve_layers
+from mame.patch.options import resolve_layers
 
 TargetKind = Literal["tokens", "flops", "speedup"]
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from mame.blocks import MergeRuntime, TokenState
 from mame.patch.base import install
-from mame.patch.timm import TIMM_LAYOUT, PatchedViT, check_model, resolve_layers
+from mame.patch.options import resolve_layers
+from mame.patch.timm import TIMM_LAYOUT, PatchedViT, check_model
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0

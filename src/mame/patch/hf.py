@@ -6,12 +6,14 @@ attention module runs in pieces (`AttentionLayout`: separate q/k/v projections h
 takes the padding and log(size) bias, and picks its path per shape; the model's own attention function is not used.
 
 Families so far: DINOv2 (`Dinov2Model`: pre-norm layers with LayerScale), ViT (`ViTModel`,
-`ViTForImageClassification`: pre-norm layers, hidden dropout on each branch) and CLIP's vision tower
+`ViTForImageClassification`: pre-norm layers, hidden dropout on each branch), CLIP's vision tower
 (`CLIPVisionModel`, `CLIPVisionModelWithProjection`, and `CLIPModel`, whose text tower is left alone; the tower's
-forward opens each forward's state, so ``get_image_features`` is covered). Their pooled outputs and classifiers read
-the class token, which never merges. Models whose head pools the patch tokens (e.g.
-`Dinov2ForImageClassification`, which averages them) are refused until their pooling is size-weighted. ``last_hidden_state`` and ``hidden_states`` are the merged,
-per-sample padded tokens: ``model.mame.unmerge`` maps the last one back to the patch grid.
+forward opens each forward's state, so ``get_image_features`` is covered) and SigLIP's (`SiglipVisionModel`,
+`SiglipModel`: no class token; its attention-pooling head weighs tokens by log(size) through `SizeAwarePooling`).
+Pooled outputs and classifiers read the class token, which never merges, or that size-aware pool. Models whose head
+averages the patch tokens (e.g. `Dinov2ForImageClassification`) are refused until their pooling is size-weighted.
+``last_hidden_state`` and ``hidden_states`` are the merged, per-sample padded tokens: ``model.mame.unmerge`` maps the
+last one back to the patch grid.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
 from mame.patch.base import Picklable, ScopedForward, set_attributes, swap_class
-from mame.patch.timm import install_mame
+from mame.patch.options import install_mame
 
 
 def _q_k_v(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,8 +152,8 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
 def _attribute(module: nn.Module, path: str | None) -> nn.Module | None:
     """``module``'s submodule at the dotted ``path``, None when there is no path or no such submodule (SigLIP
     without a head)."""
-    for name in () if path is None else path.split("."):
+    if path is None:
+        return None
+    for name in path.split("."):
         module = getattr(module, name, None)
-        if module is None:
-            return None
-    return None if path is None else module
+    return module

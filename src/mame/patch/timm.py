@@ -7,16 +7,15 @@ size (so merged and unmerged models pool the same image area) and attention pool
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from mame.attention import AttentionLayout
-from mame.blocks import METRICS, BlockLayout, MameMerge, Merger, MergeRuntime
-from mame.core import check_options, check_tau
-from mame.patch.base import ScopedForward, install
+from mame.blocks import BlockLayout
+from mame.patch.base import ScopedForward
+from mame.patch.options import install_mame
 
 
 
@@ -79,59 +78,6 @@ def check_model(model: nn.Module) -> None:
     pool = "map" if getattr(model, "attn_pool", None) is not None else model.global_pool
     if pool not in SUPPORTED_POOLS:
         raise ValueError(f"global_pool={pool!r} is not supported; supported: {SUPPORTED_POOLS}")
-
-
-def resolve_layers(layers: int | Sequence[int], depth: int) -> tuple[int, ...]:
-    """``layers`` as block indices: an int K means the first K blocks."""
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if not (is_int(layers) or (isinstance(layers, Sequence) and not isinstance(layers, str)
-                               and all(is_int(i) for i in layers))):
-        raise TypeError(f"layers must be an int (first K blocks) or a list of block indices, got {layers!r}")
-    if is_int(layers):
-        if not 0 <= layers <= depth:
-            raise ValueError(f"layers={layers} is out of range: the model has {depth} blocks")
-        return tuple(range(layers))
-    indices = tuple(layers)
-    bad = [i for i in indices if not 0 <= i < depth]
-    if bad or len(set(indices)) != len(indices):
-        raise ValueError(f"layers must be distinct block indices in [0, {depth}), got {list(layers)}")
-    return tuple(sorted(indices))
-
-
-def resolve_taus(tau: float | Sequence[float], count: int) -> tuple[float, ...]:
-    """``tau`` as one value per patched block, each checked to lie in [-1, 1]."""
-    if isinstance(tau, (int, float)):
-        taus = (tau,) * count
-    elif isinstance(tau, Sequence) and not isinstance(tau, str):
-        taus = tuple(tau)
-    else:
-        raise TypeError(f"tau must be a number in [-1, 1] or one per patched block, got {tau!r}")
-    if len(taus) != count:
-        raise ValueError(f"tau must be a float or one value per patched block ({count}), got {len(taus)} values")
-    return tuple(check_tau(value) for value in taus)
-
-
-def mame_mergers(
-    layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
-    causal: bool | str, size_weighted: bool, check: bool = False, metric: str = "x",
-) -> dict[int, Merger]:
-    """One checked `MameMerge` per patched block."""
-    check_options(partition, batch_rule, causal)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if batch_rule == "per_sample" and partition != "alternating" and len(layers) > 1:
-        # After the first merge the batch is ragged, and these partitions would split each padded sample
-        # differently from the same sample alone (see `mame.merge`'s mask).
-        raise ValueError(f"partition={partition!r} with batch_rule='per_sample' can merge in one block only (it "
-                         "cannot split a padded sample as it would split it alone); use partition='alternating' or "
-                         "batch_rule='any'")
-    return {
-        index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
-                         size_weighted=size_weighted, check_finite=check, metric=metric)
-        for index, t in zip(layers, taus)
-    }
 
 
 class PatchedViT(ScopedForward):
@@ -263,18 +209,3 @@ def patch_timm(
                         size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
                         check=check, metric=metric)
 
-
-def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout, num_special: int,
-                 model_mixin: type[ScopedForward], *, tau: float | Sequence[float], layers: int | Sequence[int],
-                 batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
-                 packed: bool, check: bool, metric: str, scoped: nn.Module | None = None) -> nn.Module:
-    """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``
-    (``scoped``: see `mame.patch.base.install`)."""
-    indices = resolve_layers(layers, len(blocks))
-    taus = resolve_taus(tau, len(indices))
-    mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
-                           size_weighted=size_weighted, check=check, metric=metric)
-    settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
-                    size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
-    runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=packed)
-    return install(model, blocks, layout, mergers, runtime, proportional_attention, model_mixin, scoped)
