@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import threading
 import weakref
 from contextvars import ContextVar
@@ -34,21 +35,47 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a pre-norm transformer block keeps its parts (attribute names; ``None`` = not present = identity), and
-    how its attention module runs in pieces (`AttentionLayout`)."""
+    """Where a transformer block keeps its parts, and how its attention module runs in pieces (`AttentionLayout`).
+
+    Parts are attribute paths inside the block (dotted for nested modules, ``"attention.output.dense"``; ``None`` or
+    a missing attribute = identity). ``mlp`` may be several paths applied in turn (BERT's ``intermediate`` then
+    ``output.dense``). Pre-norm blocks (ViT, ``post_norm=False``) run ``x + drop_path(ls(f(norm(x))))``; post-norm
+    blocks (BERT) run ``norm(x + drop_path(ls(f(x))))``. The merge sits between the attention and MLP steps either
+    way (eq 12)."""
 
     attention: AttentionLayout
-    norm1: str = "norm1"
+    norm1: str | None = "norm1"
     attn: str = "attn"
     ls1: str | None = "ls1"
     drop_path1: str | None = "drop_path1"
-    norm2: str = "norm2"
-    mlp: str = "mlp"
+    norm2: str | None = "norm2"
+    mlp: str | tuple[str, ...] = "mlp"
     ls2: str | None = "ls2"
     drop_path2: str | None = "drop_path2"
+    post_norm: bool = False
 
     def part(self, block: nn.Module, name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        return _identity if name is None else getattr(block, name, _identity)
+        if name is None:
+            return _identity
+        try:
+            return operator.attrgetter(name)(block)
+        except AttributeError:
+            return _identity
+
+    def residual(self, block: nn.Module, x: torch.Tensor, branch: torch.Tensor, norm: str | None,
+                 ls: str | None, drop_path: str | None) -> torch.Tensor:
+        """``x`` plus a branch's output through LayerScale and drop-path, normed after the sum when post-norm."""
+        x = x + self.part(block, drop_path)(self.part(block, ls)(branch))
+        return self.part(block, norm)(x) if self.post_norm else x
+
+    def branch_input(self, block: nn.Module, x: torch.Tensor, norm: str | None) -> torch.Tensor:
+        """What a branch reads: the normed tokens (pre-norm) or the tokens themselves (post-norm)."""
+        return x if self.post_norm else self.part(block, norm)(x)
+
+    def run_mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        for name in (self.mlp,) if isinstance(self.mlp, str) else self.mlp:
+            h = self.part(block, name)(h)
+        return h
 
 
 @dataclass
@@ -90,12 +117,24 @@ class TokenState:
         elif self.mask is None and sizes is None:
             layout = PaddedTokens(None)
         else:
-            # sizes.log() gives -inf on padding (size 0)
-            bias = sizes.log() if sizes is not None else torch.zeros(
-                self.mask.shape, device=x.device).masked_fill(~self.mask, float("-inf"))
-            layout = PaddedTokens(bias.to(x.dtype)[:, None, None, :])
+            layout = PaddedTokens(self.key_bias(proportional).to(x.dtype)[:, None, None, :])
         self._layout_key, self._layout = key, layout
         return layout
+
+    def key_bias(self, proportional: bool = True) -> torch.Tensor | None:
+        """(B, L) float32 additive attention bias on the keys: log(size) when ``proportional`` and sizes are known
+        (-inf on padding, whose size is 0), else 0 on real tokens and -inf on padding; None when neither applies."""
+        if proportional and self.sizes is not None:
+            return self.sizes.log()
+        if self.mask is None:
+            return None
+        return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill(~self.mask, float("-inf"))
+
+    def token_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) float32: the original tokens each of ``x``'s tokens stands for (0 on padding)."""
+        if self.sizes is not None:
+            return self.sizes
+        return self.ones_sizes(x) if self.mask is None else self.mask.float()
 
     def ones_sizes(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ones(x.shape[:2], device=x.device, dtype=torch.float32) if self.sizes is None else self.sizes
@@ -255,9 +294,14 @@ class MergeRuntime:
         return TokenState(num_special=self.num_special, keep_plans=not training)  # training keeps no plans
 
     @property
+    def active_state(self) -> TokenState | None:
+        """The `TokenState` of the model-level forward running now in this thread, None outside one."""
+        return _ACTIVE.get().get(id(self))
+
+    @property
     def state(self) -> TokenState | None:
         """The `TokenState` of this thread's running or last forward (None before the first)."""
-        active = _ACTIVE.get().get(id(self))
+        active = self.active_state
         return active if active is not None else getattr(self._last, "state", None)
 
     @property
@@ -273,6 +317,20 @@ class MergeRuntime:
         """The `FusionPlan` of every merge of this thread's last forward (empty after a training forward)."""
         state = self.state
         return [] if state is None else list(state.plans)
+
+    def mean_pool(self, features: torch.Tensor) -> torch.Tensor:
+        """Each sample's mean over its original tokens, from per-token outputs (B, L', c) of this thread's last (or
+        running) forward: a merged token weighs by the tokens it stands for, padding by nothing. Equal to the plain
+        mean over the unmerged sequence's real tokens when no merge changed the tokens' values."""
+        state = self.state
+        if state is None:
+            raise RuntimeError("run a forward pass before pooling its tokens")
+        weights = state.token_weights(features)
+        if tuple(weights.shape) != tuple(features.shape[:2]):
+            raise ValueError(f"features must be (B, L', c) with (B, L') = {tuple(weights.shape)} as the forward's "
+                             f"merged tokens, got {tuple(features.shape)}")
+        weights = (weights / weights.sum(dim=1, keepdim=True)).to(features.dtype)
+        return torch.einsum("bl,blc->bc", weights, features)
 
     def unmerge(self, features: torch.Tensor) -> torch.Tensor:
         """Map per-token outputs of this thread's last forward (B, L', c) back to the full token grid (B, L, c)."""
@@ -326,8 +384,8 @@ def _attention(block: nn.Module, layout: BlockLayout, tokens_layout: TokenLayout
     layout. A function of its own so that q, k, v and the normed tokens are freed before the MLP runs (they would
     otherwise raise the block's peak memory by about a third)."""
     parts = layout.attention
-    attn = getattr(block, layout.attn)
-    normed = layout.part(block, layout.norm1)(tokens)
+    attn = operator.attrgetter(layout.attn)(block)
+    normed = layout.branch_input(block, tokens, layout.norm1)
     q, k, v = parts.qkv(attn, normed)
     out = tokens_layout.attend(q, k, v, parts.scale(attn), parts.dropout(attn) if block.training else 0.0,
                                functools.partial(parts.qk_norm, attn))
@@ -336,14 +394,13 @@ def _attention(block: nn.Module, layout: BlockLayout, tokens_layout: TokenLayout
 
 def _block_branches(block: nn.Module, x: torch.Tensor, layout: BlockLayout, runtime: MergeRuntime,
                     merger: Merger | None, proportional_attention: bool, state: TokenState) -> torch.Tensor:
-    part = layout.part
-    heads = layout.attention.heads(getattr(block, layout.attn))
+    heads = layout.attention.heads(operator.attrgetter(layout.attn)(block))
     # Training keeps the padded batch: drop-path and dropout draw per sample.
     packed = runtime.packed and not block.training
     tokens_layout = state.token_layout(x, proportional_attention, heads, packed)
     tokens = tokens_layout.pack(x)
     attended, keys = _attention(block, layout, tokens_layout, tokens, merger is not None and merger.needs_keys)
-    tokens = tokens + part(block, layout.drop_path1)(part(block, layout.ls1)(attended))
+    tokens = layout.residual(block, tokens, attended, layout.norm1, layout.ls1, layout.drop_path1)
     del attended
     if merger is not None:
         x = merger(tokens_layout.unpack(tokens), state, keys)
@@ -352,6 +409,6 @@ def _block_branches(block: nn.Module, x: torch.Tensor, layout: BlockLayout, runt
         tokens_layout = state.token_layout(x, proportional_attention, heads, packed)
         tokens = tokens_layout.pack(x)
     del x  # the caller's tensor stays alive; this frame's reference to it need not
-    mlp = getattr(block, layout.mlp)
-    tokens = tokens + part(block, layout.drop_path2)(part(block, layout.ls2)(mlp(part(block, layout.norm2)(tokens))))
+    hidden = layout.run_mlp(block, layout.branch_input(block, tokens, layout.norm2))
+    tokens = layout.residual(block, tokens, hidden, layout.norm2, layout.ls2, layout.drop_path2)
     return tokens_layout.unpack(tokens)

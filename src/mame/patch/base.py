@@ -53,10 +53,13 @@ class PatchedBlock(Picklable):
     def forward(self, x, *args, **kwargs):
         # Encoder loops pass their layer's own arguments (transformers: the attention mask, positionally, None for
         # images); only one that would have to act on the merged sequence is refused.
-        if any(value is not None and value is not False for value in (*args, *kwargs.values())):
+        given = [f"argument {i + 2}" for i, value in enumerate(args) if value is not None and value is not False]
+        given += [name for name, value in kwargs.items() if value is not None and value is not False]
+        if given:
             raise ValueError(
-                f"a mame-patched {type(self).__bases__[-1].__name__} takes no attention mask or causal flag: "
-                "merging changes the sequence, so an outside mask cannot stay aligned (call mame.unpatch first)")
+                f"a mame-patched {type(self).__bases__[-1].__name__} was given {', '.join(given)}; it takes no "
+                "attention mask, causal flag or positions: merging changes the sequence, so an outside mask cannot "
+                "stay aligned (padding masks go to the model's forward; or call mame.unpatch first)")
         return block_forward(self, x, self._mame_layout, self._mame_runtime, self._mame_merger,
                              self._mame_proportional)
 

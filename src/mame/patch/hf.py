@@ -18,6 +18,7 @@ last one back to the patch grid.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Sequence
@@ -31,36 +32,56 @@ from mame.patch.base import Picklable, ScopedForward, set_attributes, swap_class
 from mame.patch.options import install_mame
 
 
-def _q_k_v(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = (*h.shape[:-1], -1, attn.head_dim)
-    return attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
-
-
 def _no_qk_norm(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, k
 
 
 @dataclass(frozen=True)
+class _QKV:
+    """Separate q / k / v projections, by attribute path inside the attention module, split into heads."""
+
+    q: str
+    k: str
+    v: str
+    heads: Callable[[nn.Module], int]
+
+    def __call__(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (*h.shape[:-1], self.heads(attn), -1)
+        q, k, v = (attrgetter(name)(attn)(h).view(shape) for name in (self.q, self.k, self.v))
+        return q, k, v
+
+
+@dataclass(frozen=True)
 class _Projection:
-    """The attention's output projection, by attribute name (``o_proj``, ``out_proj``)."""
+    """The attention's output projection, by attribute path (``o_proj``, ``out_proj``, ``output.dense``)."""
 
     name: str
 
     def __call__(self, attn: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return getattr(attn, self.name)(out)
+        return attrgetter(self.name)(attn)(out)
 
 
-def projection_attention(output: str, scale: str, dropout: str, heads: str) -> AttentionLayout:
-    """transformers' attention modules with ``q_proj`` / ``k_proj`` / ``v_proj`` and ``head_dim``, by the names of
-    their output projection, logit scale, dropout probability and head count."""
-    return AttentionLayout(qkv=_q_k_v, qk_norm=_no_qk_norm, output=_Projection(output), scale=attrgetter(scale),
-                           dropout=attrgetter(dropout), heads=attrgetter(heads))
+def projection_attention(output: str, scale: str, dropout: str, heads: str, q: str = "q_proj", k: str = "k_proj",
+                         v: str = "v_proj") -> AttentionLayout:
+    """transformers' attention modules with separate query / key / value projections, by the attribute paths
+    (inside the module the block calls) of those projections, the output projection, the logit scale, the dropout
+    probability and the head count."""
+    heads_of = attrgetter(heads)
+    return AttentionLayout(qkv=_QKV(q, k, v, heads_of), qk_norm=_no_qk_norm, output=_Projection(output),
+                           scale=attrgetter(scale), dropout=attrgetter(dropout), heads=heads_of)
 
 
 # DINOv2, ViT (transformers >= 5): o_proj, scaling, attention_dropout, num_attention_heads.
 O_PROJ_ATTENTION = projection_attention("o_proj", "scaling", "attention_dropout", "num_attention_heads")
-# CLIP: out_proj, scale, dropout, num_heads.
+# CLIP, SigLIP, SigLIP2: out_proj, scale, dropout, num_heads.
 CLIP_ATTENTION = projection_attention("out_proj", "scale", "dropout", "num_heads")
+# VideoMAE: the block calls a wrapper holding the self-attention (``attention``: query/key/value) and its output.
+VIDEOMAE_ATTENTION = projection_attention(
+    "output.dense", "attention.scaling", "attention.dropout_prob", "attention.num_attention_heads",
+    q="attention.query", k="attention.key", v="attention.value")
+# BERT: the same wrapper, named ``self`` / ``output``.
+BERT_ATTENTION = projection_attention("output.dense", "self.scaling", "self.dropout.p", "self.num_attention_heads",
+                                      q="self.query", k="self.key", v="self.value")
 
 DINOV2_LAYOUT = BlockLayout(attention=O_PROJ_ATTENTION, norm1="norm1", attn="attention", ls1="layer_scale1",
                             drop_path1="drop_path", norm2="norm2", mlp="mlp", ls2="layer_scale2",
@@ -69,6 +90,16 @@ VIT_LAYOUT = BlockLayout(attention=O_PROJ_ATTENTION, norm1="layernorm_before", a
                          drop_path1="dropout", norm2="layernorm_after", mlp="mlp", ls2=None, drop_path2="dropout")
 CLIP_LAYOUT = BlockLayout(attention=CLIP_ATTENTION, norm1="layer_norm1", attn="self_attn", ls1=None, drop_path1=None,
                           norm2="layer_norm2", mlp="mlp", ls2=None, drop_path2=None)
+# VideoMAE: pre-norm; the MLP is ``intermediate`` then ``output.dense`` (whose module adds the residual itself, so the
+# block runs its pieces, not the module).
+VIDEOMAE_LAYOUT = BlockLayout(attention=VIDEOMAE_ATTENTION, norm1="layernorm_before", attn="attention", ls1=None,
+                              drop_path1="attention.output.dropout", norm2="layernorm_after",
+                              mlp=("intermediate", "output.dense"), ls2=None, drop_path2="output.dropout")
+# BERT: post-norm, ``LayerNorm(x + dropout(branch))`` with the norm and dropout inside each output module.
+BERT_LAYOUT = BlockLayout(attention=BERT_ATTENTION, norm1="attention.output.LayerNorm", attn="attention", ls1=None,
+                          drop_path1="attention.output.dropout", norm2="output.LayerNorm",
+                          mlp=("intermediate", "output.dense"), ls2=None, drop_path2="output.dropout",
+                          post_norm=True)
 
 
 class SizeAwarePooling(Picklable):
@@ -78,18 +109,66 @@ class SizeAwarePooling(Picklable):
 
     def forward(self, query, key, value, *args, **kwargs):
         state = self.mame.state
-        if (not args and kwargs.get("attn_mask") is None and state is not None and state.sizes is not None
-                and tuple(state.sizes.shape) == tuple(key.shape[:2])):
-            bias = state.sizes.log().to(key.dtype)[:, None, :].expand(-1, query.shape[1], -1)
+        bias = None if state is None else state.key_bias()
+        if not args and kwargs.get("attn_mask") is None and bias is not None and bias.shape == key.shape[:2]:
+            bias = bias.to(key.dtype)[:, None, :].expand(-1, query.shape[1], -1)
             kwargs["attn_mask"] = bias.repeat_interleave(self.num_heads, dim=0)  # (B * heads, queries, keys)
         return super().forward(query, key, value, *args, **kwargs)
+
+
+class PaddedInputForward(Picklable):
+    """Mixin for a model whose forward takes a (B, L) padding mask (BERT's ``attention_mask``, SigLIP2's
+    ``pixel_attention_mask``; the argument's name is ``_mame_padding_argument``): the mask becomes the forward's
+    first `TokenState.mask` and the model itself is handed None. Padding and merging are then one mechanism: padding
+    never merges into real tokens, attention and pools ignore it, and every sample gets what it would get alone."""
+
+    def forward(self, *args, **kwargs):
+        name = self._mame_padding_argument
+        bound = inspect.signature(super().forward).bind(*args, **kwargs)
+        mask = bound.arguments.get(name)
+        bound.arguments[name] = None
+        with self.mame.scope(self.training) as state:
+            if mask is not None:
+                state.mask = _padding_mask(mask, name)
+            return super().forward(*bound.args, **bound.kwargs)
+
+
+def _padding_mask(mask: torch.Tensor, name: str) -> torch.Tensor | None:
+    """A (B, L) 0/1 padding mask as `TokenState.mask` (None when nothing is padded), checked to be right padding."""
+    if mask.dim() != 2:
+        raise ValueError(f"a mame-patched model takes {name} as a (batch, tokens) padding mask, got shape "
+                         f"{tuple(mask.shape)}")
+    mask = mask.bool()
+    lengths = mask.sum(dim=1, keepdim=True)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths):
+        raise ValueError(f"{name}: a mame-patched model needs padding at the end of each sample (right padding, "
+                         "e.g. tokenizer.padding_side = 'right')")
+    return None if bool(mask.all()) else mask
+
+
+class MeanPooledEncoder(Picklable):
+    """Mixin for the encoder inside a classifier whose head averages its tokens with a plain ``mean(1)`` (VideoMAE):
+    inside the classifier's forward, its output tokens come out multiplied by L * w (w: each token's share of the
+    original tokens, 0 on padding), so the head's plain mean is the size-weighted mean over real tokens, the mean of
+    the unmerged sequence. Called on its own (outside the classifier) the encoder returns its tokens unchanged."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        state = self.mame.active_state
+        if state is not None:
+            tokens = output.last_hidden_state
+            weights = state.token_weights(tokens)
+            share = weights * (tokens.shape[1] / weights.sum(dim=1, keepdim=True))
+            output.last_hidden_state = tokens * share.to(tokens.dtype).unsqueeze(-1)
+        return output
 
 
 @dataclass(frozen=True)
 class _Family:
     """Where a model keeps its layers, how they are described, how many leading tokens never merge, which module's
     forward opens each forward's state (the model itself, or its vision tower when other methods reach the tower
-    directly) and which attention pool reads the merged tokens."""
+    directly), which forward argument is a padding mask, which attention pool reads the merged tokens and which
+    encoder's tokens a head averages."""
 
     vision: Callable[[nn.Module], nn.Module]  # the module that holds the layers
     layers: str  # attribute path of the layers inside it
@@ -97,13 +176,32 @@ class _Family:
     scope_tower: bool = False
     num_special: int = 1
     pool: str | None = None  # attribute path, inside the tower, of an nn.MultiheadAttention pool
+    padding_argument: str | None = None  # the scoped forward's (B, L) padding-mask argument
+    mean_pooled: bool = False  # the head averages the tower's output tokens with a plain mean
+    refuse: Callable[[nn.Module], str | None] = lambda model: None  # why a configuration is not supported
 
 
 def _itself(model: nn.Module) -> nn.Module:
     return model
 
 
-# transformers class name -> its description. CLIP's text tower is never patched.
+def _refuse_decoder(model: nn.Module) -> str | None:
+    config = model.config
+    if config.is_decoder or config.add_cross_attention:
+        return "BERT as a decoder (causal or cross-attention) is not supported: merging is non-causal here"
+    return None
+
+
+def _refuse_token_pool(model: nn.Module) -> str | None:
+    if model.fc_norm is None:
+        return ("VideoMAE with use_mean_pooling=False reads the first token, which has no special role and merges; "
+                "only the mean-pooling classifier is supported")
+    return None
+
+
+_SIGLIP2 = dict(num_special=0, pool="head.attention", padding_argument="pixel_attention_mask")
+
+# transformers class name -> its description. Text towers are never patched.
 _FAMILIES: dict[str, _Family] = {
     "Dinov2Model": _Family(_itself, "encoder.layer", DINOV2_LAYOUT),
     "ViTModel": _Family(_itself, "layers", VIT_LAYOUT),
@@ -114,6 +212,16 @@ _FAMILIES: dict[str, _Family] = {
     # SigLIP: no class token, an attention-pooling head; its layers are written like CLIP's.
     "SiglipVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, num_special=0, pool="head.attention"),
     "SiglipModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, 0, "head.attention"),
+    # SigLIP2: SigLIP's layers and head, variable resolution with a patch padding mask.
+    "Siglip2VisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, **_SIGLIP2),
+    "Siglip2Model": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, **_SIGLIP2),
+    # VideoMAE: no class token; the classifier averages the tokens.
+    "VideoMAEModel": _Family(_itself, "encoder.layer", VIDEOMAE_LAYOUT, num_special=0),
+    "VideoMAEForVideoClassification": _Family(attrgetter("videomae"), "encoder.layer", VIDEOMAE_LAYOUT,
+                                              num_special=0, mean_pooled=True, refuse=_refuse_token_pool),
+    # BERT: post-norm; [CLS] never merges, [SEP] may; the tokenizer's attention_mask is the padding mask.
+    "BertModel": _Family(_itself, "encoder.layer", BERT_LAYOUT, padding_argument="attention_mask",
+                         refuse=_refuse_decoder),
 }
 
 
@@ -125,6 +233,9 @@ def _family(model: nn.Module) -> _Family:
         raise ImportError("mame.patch.hf needs transformers: pip install 'mame[hf]'") from error
     for name, family in _FAMILIES.items():
         if isinstance(model, getattr(transformers, name)):
+            reason = family.refuse(model)
+            if reason is not None:
+                raise ValueError(f"mame.patch.hf: {reason}")
             return family
     raise ValueError(f"mame.patch.hf supports transformers' {', '.join(_FAMILIES)} so far, got "
                      f"{type(model).__name__} (heads that pool patch tokens need size-weighted pooling first)")
@@ -134,18 +245,32 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
              batch_rule: str = "per_sample", partition: str = "alternating", prune: bool = True,
              size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
              check: bool = False, metric: str = "x") -> nn.Module:
-    """Apply MaMe in place to a transformers vision encoder, with the options and defaults of `mame.patch.timm`
-    (see there); the class token, where the model has one, never merges. Undo with ``mame.unpatch(model)``."""
+    """Apply MaMe in place to a transformers encoder, with the options and defaults of `mame.patch.timm` (see
+    there); the class token, where the model has one, never merges. Undo with ``mame.unpatch(model)``.
+
+    Padded inputs (BERT's ``attention_mask``, SigLIP2's ``pixel_attention_mask``) must be padded at the end of each
+    sample. ``last_hidden_state`` is then the merged, per-sample padded tokens: ``model.mame.mean_pool(hidden)`` is
+    each sample's mean over its original tokens, ``model.mame.state.mask`` marks real tokens.
+    A ``LlavaForConditionalGeneration`` goes to `mame.patch.llava.patch_llava`: fewer image tokens reach its LM."""
+    if any(cls.__name__ == "LlavaForConditionalGeneration" for cls in type(model).__mro__):
+        options = dict(locals())  # every argument, as given
+        from mame.patch.llava import patch_llava  # imported here: it needs transformers' LLaVA
+        return patch_llava(**options)
     family = _family(model)
     tower = family.vision(model)
-    install_mame(model, list(attrgetter(family.layers)(tower)), family.layout, family.num_special, ScopedForward,
-                 tau=tau, layers=layers, scoped=tower if family.scope_tower else None, batch_rule=batch_rule,
-                 partition=partition, prune=prune, size_weighted=size_weighted,
-                 proportional_attention=proportional_attention, packed=packed, check=check, metric=metric)
-    pool = _attribute(tower, family.pool)
-    if pool is not None:
-        swap_class(pool, SizeAwarePooling, model.mame)
-        set_attributes(pool, model.mame, mame=model.mame)
+    scoped = tower if family.scope_tower else model
+    mixin = ScopedForward if family.padding_argument is None else PaddedInputForward
+    install_mame(model, list(attrgetter(family.layers)(tower)), family.layout, family.num_special, mixin,
+                 tau=tau, layers=layers, scoped=scoped, batch_rule=batch_rule, partition=partition, prune=prune,
+                 size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
+                 check=check, metric=metric)
+    if family.padding_argument is not None:
+        set_attributes(scoped, model.mame, _mame_padding_argument=family.padding_argument)
+    for module, mixin in ((_attribute(tower, family.pool), SizeAwarePooling),
+                          (tower if family.mean_pooled else None, MeanPooledEncoder)):
+        if module is not None:
+            swap_class(module, mixin, model.mame)
+            set_attributes(module, model.mame, mame=model.mame)
     return model
 
 
