@@ -271,8 +271,6 @@ def test_compare_one_at_a_time_with_bound(tiny_vit, clock):
     assert mame_result.of_bound == 1.0
     assert bench.results_table([none, mame_result]).columns[6].header == "merge-free bound"
     mame.unpatch(tiny_vit)
-    with pytest.raises(ValueError, match="batch tensor"):
-        bench.compare(tiny_vit, (x,), variants, progress=False, one_at_a_time=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- load
@@ -351,3 +349,20 @@ def test_ragged_batch_reports_the_real_token_flop_ratio(tiny_vit, clock):
     assert uniform.real_token_flop_ratio is None
     headers = [column.header for column in bench.results_table([ragged, uniform]).columns]
     assert "real-token FLOP ratio" in headers
+
+
+def test_one_at_a_time_runs_each_padded_sample_without_its_padding():
+    seen = []
+
+    def model(input_ids, attention_mask, spatial_shapes):
+        seen.append((tuple(input_ids.shape), tuple(attention_mask.shape), tuple(spatial_shapes.shape)))
+        return input_ids.float().sum(1)
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    inputs = {"input_ids": torch.arange(12).view(3, 4), "attention_mask": mask, "spatial_shapes": torch.ones(3, 2)}
+    out = bench.OneAtATime(model)(**inputs)
+    assert seen == [((1, 4), (1, 4), (1, 2)), ((1, 2), (1, 2), (1, 2)), ((1, 3), (1, 3), (1, 2))]
+    assert out.tolist() == [6.0, 9.0, 27.0]
+    rows = []
+    bench.OneAtATime(lambda x: rows.append(x.shape) or x)(torch.zeros(2, 5))  # a batch tensor: row by row
+    assert rows == [(1, 5), (1, 5)]

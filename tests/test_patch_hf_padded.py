@@ -187,3 +187,32 @@ def test_videomae_classifier_pools_by_size_and_merges_each_clip_as_alone():
 def test_videomae_without_mean_pooling_is_refused():
     with pytest.raises(ValueError, match="use_mean_pooling"):
         mame.patch.hf(tiny_videomae(mean_pooling=False))
+
+
+def test_hidden_states_are_recorded_merged_and_attention_weights_refused():
+    model, ids, mask = tiny_bert(), *sentences()
+    reference = copy.deepcopy(model)
+    expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    mame.patch.hf(model, tau=1.0, layers=DEPTH)
+    got = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    real = mask.bool()
+    assert len(got) == DEPTH + 1
+    assert all(torch.allclose(g[real], e[real], atol=1e-5) for g, e in zip(got, expected))
+    mame.patch.hf(model, tau=0.3, layers=2)
+    lengths = [h.shape[1] for h in model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states]
+    assert lengths[0] == 12 and lengths[2] < lengths[1] < 12  # padded to the longest sentence after each merge
+    with pytest.raises(ValueError, match="cannot honour output_attentions"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+
+def test_patch_auto_picks_the_family():
+    import timm
+
+    bert = mame.patch.auto(tiny_bert(), tau=0.5, layers=2)
+    assert bert.mame.layers == (0, 1) and type(bert).__name__ == "MameBertModel"
+    vit = mame.patch.auto(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2), layers=2)
+    assert type(vit).__name__ == "MameVisionTransformer"
+    mame.patch.auto(bert, tau=0.9, layers=1)  # an already patched model is re-patched by its own family
+    assert bert.mame.layers == (0,)
+    with pytest.raises(ValueError, match="timm, transformers and open_clip"):
+        mame.patch.auto(torch.nn.Linear(2, 2))

@@ -37,3 +37,27 @@ def move(inputs: Inputs, device: torch.device | None, dtype: torch.dtype | None)
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(move_one(value) for value in inputs)
     return move_one(inputs)
+
+
+PADDING_MASKS = ("attention_mask", "pixel_attention_mask")  # transformers' names of a (B, L) padding mask
+
+
+def samples(inputs: Inputs) -> list[Inputs]:
+    """The batch's samples as batches of one; a mapping with a padding mask (`PADDING_MASKS`) loses each sample's
+    padding, so a sample costs what it would cost alone."""
+    batch = first_tensor(inputs).shape[0]
+    if isinstance(inputs, torch.Tensor):
+        return [inputs[i : i + 1] for i in range(batch)]
+    if not isinstance(inputs, Mapping):
+        return [[value[i : i + 1] if isinstance(value, torch.Tensor) else value for value in inputs]
+                for i in range(batch)]
+    mask = next((inputs[name] for name in PADDING_MASKS if isinstance(inputs.get(name), torch.Tensor)), None)
+    result = []
+    for i in range(batch):
+        length = None if mask is None else int(mask[i].sum())
+        result.append({
+            name: value if not isinstance(value, torch.Tensor) else (
+                value[i : i + 1, :length] if length is not None and value.dim() >= 2
+                and value.shape[1] == mask.shape[1] else value[i : i + 1])
+            for name, value in inputs.items()})
+    return result

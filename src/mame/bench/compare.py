@@ -20,7 +20,7 @@ from torch import nn
 
 import mame.patch
 from mame.baselines import tome
-from mame.bench._inputs import Inputs, call, move
+from mame.bench._inputs import Inputs, call, move, samples
 from mame.bench.bound import bound_timing, merge_free_copy, merging_blocks
 from mame.bench.flops import count_flops
 from mame.bench.memory import peak_memory
@@ -40,7 +40,7 @@ def _unchanged(model: nn.Module) -> nn.Module:
     return model
 
 
-_PATCHERS: dict[str, Callable[..., nn.Module]] = {"none": _unchanged, "mame": mame.patch.timm, "tome": tome.patch_timm}
+_PATCHERS: dict[str, Callable[..., nn.Module]] = {"none": _unchanged, "mame": mame.patch.auto, "tome": tome.patch_timm}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Variant:
 
     Attributes:
         name: label in tables and JSON, e.g. ``"MaMe τ=0.8"``.
-        kind: ``"mame"`` (`mame.patch.timm`), ``"tome"`` (`mame.baselines.tome.patch_timm`) or ``"none"`` (the
+        kind: ``"mame"`` (`mame.patch.auto`: timm, transformers or open_clip), ``"tome"`` (`mame.baselines.tome.patch_timm`) or ``"none"`` (the
             unmodified model against itself: the noise floor of the measurement).
         kwargs: keyword arguments of the patch function, e.g. ``{"tau": 0.8, "layers": 8}`` or ``{"r": 16}``.
     """
@@ -136,7 +136,7 @@ def compare(
     each variant patches its own copy of it, so both sides of every pair are ready-made modules.
 
     Args:
-        model: an unmodified model (for ``"mame"``/``"tome"`` variants a timm VisionTransformer).
+        model: an unmodified model (for ``"tome"`` variants a timm VisionTransformer).
         inputs: a batch: a tensor, a tuple of positional arguments or a mapping of keyword arguments.
         variants: what to compare.
         pairs: timed pairs per variant.
@@ -149,8 +149,8 @@ def compare(
             ``bound`` and the share of it reached as ``of_bound`` (merge-free vs variant in pairs of their own).
             Both are timed with at least
             `BOUND_PAIRS` pairs of samples lasting at least `BOUND_MIN_TIME` seconds (`bound_timing`).
-        one_at_a_time: run the samples of ``inputs`` (a tensor) one by one, as single-image serving does; FLOPs
-            and speed cover the whole loop, tokens per block are the mean over samples.
+        one_at_a_time: run the samples of ``inputs`` one by one (each without its padding), as single-image serving
+            does; FLOPs and speed cover the whole loop, tokens per block are the mean over samples.
         memory: measure peak memory (one extra forward of each side under the profiler); False leaves it None.
 
     Returns:
@@ -158,8 +158,6 @@ def compare(
     """
     if merge_runtime(model) is not None:
         raise ValueError("model is patched by mame: pass the unmodified model (call mame.unpatch first)")
-    if one_at_a_time and not isinstance(inputs, torch.Tensor):
-        raise ValueError("one_at_a_time needs a batch tensor as inputs")
     runner = OneAtATime if one_at_a_time else _unchanged
     baseline = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     run_device = torch.device(device) if device is not None else next(baseline.parameters()).device
@@ -191,7 +189,7 @@ def compare(
                 if one_at_a_time and run_patched.counts:
                     tokens = run_patched.mean_token_counts
                 else:
-                    tokens = tokens_per_block(patched, inputs[:1] if one_at_a_time else inputs)
+                    tokens = tokens_per_block(patched, samples(inputs)[0] if one_at_a_time else inputs)
                 peak = measure_memory(run_patched)
                 timed = functools.partial(paired_speedup, warmup=warmup, on_pair=lambda _: bar.advance(task))
                 speed = timed(lambda: call(run_baseline, inputs), lambda: call(run_patched, inputs), pairs=pairs,

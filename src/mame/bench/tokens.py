@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mame.bench._inputs import Inputs, call
+from mame.bench._inputs import Inputs, call, samples
 from mame.blocks import MergeRuntime
 
 
@@ -106,14 +106,16 @@ class OneAtATime:
         self.model = model
         self.counts: list[list[float]] = []
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model on each sample of the batch (a tensor, positional or keyword inputs; see `samples`): the
+        outputs concatenated when they are tensors, else their list."""
         self.counts, outputs = [], []
         counter = BlockTokens(self.model) if merge_runtime(self.model) is not None else None
-        for i in range(x.shape[0]):
-            outputs.append(self.model(x[i : i + 1]))
+        for sample in samples(kwargs if kwargs else (args[0] if len(args) == 1 else args)):
+            outputs.append(call(self.model, sample))
             if counter is not None:
                 self.counts.append(counter.last)
-        return torch.cat(outputs)
+        return torch.cat(outputs) if all(isinstance(out, torch.Tensor) for out in outputs) else outputs
 
     @property
     def mean_token_counts(self) -> list[float]:

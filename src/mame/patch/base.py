@@ -47,6 +47,11 @@ class ScopedForward(Picklable):
             return super().forward(*args, **kwargs)
 
 
+# Arguments a block may be handed and ignore: transformers passes ``output_hidden_states`` down to its layers, but
+# records hidden states by hooks on the layers' outputs, whatever the layers do with the flag.
+_RECORDING_FLAGS = frozenset({"output_hidden_states"})
+
+
 class PatchedBlock(Picklable):
     """Mixin put in front of a block's own class; the forward is the shared `block_forward`."""
 
@@ -54,12 +59,13 @@ class PatchedBlock(Picklable):
         # Encoder loops pass their layer's own arguments (transformers: the attention mask, positionally, None for
         # images); only one that would have to act on the merged sequence is refused.
         given = [f"argument {i + 2}" for i, value in enumerate(args) if value is not None and value is not False]
-        given += [name for name, value in kwargs.items() if value is not None and value is not False]
+        given += [name for name, value in kwargs.items()
+                  if value is not None and value is not False and name not in _RECORDING_FLAGS]
         if given:
             raise ValueError(
-                f"a mame-patched {type(self).__bases__[-1].__name__} was given {', '.join(given)}; it takes no "
-                "attention mask, causal flag or positions: merging changes the sequence, so an outside mask cannot "
-                "stay aligned (padding masks go to the model's forward; or call mame.unpatch first)")
+                f"a mame-patched {type(self).__bases__[-1].__name__} cannot honour {', '.join(given)}: merging changes "
+                "the sequence, so an outside attention mask, causal flag or positions cannot stay aligned, and its "
+                "attention returns no weights (padding masks go to the model's forward; or call mame.unpatch first)")
         return block_forward(self, x, self._mame_layout, self._mame_runtime, self._mame_merger,
                              self._mame_proportional)
 

@@ -266,12 +266,25 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
                  check=check, metric=metric)
     if family.padding_argument is not None:
         set_attributes(scoped, model.mame, _mame_padding_argument=family.padding_argument)
+    for module in {id(m): m for m in (model, scoped)}.values():
+        register_output_recording(module)
     for module, mixin in ((_attribute(tower, family.pool), SizeAwarePooling),
                           (tower if family.mean_pooled else None, MeanPooledEncoder)):
         if module is not None:
             swap_class(module, mixin, model.mame)
             set_attributes(module, model.mame, mame=model.mame)
     return model
+
+
+def register_output_recording(model: nn.Module) -> None:
+    """Let a transformers model whose class was swapped still record hidden states (``output_hidden_states``):
+    transformers looks up what a model can record (``_can_record_outputs``) by the name of its class, which is new
+    for a patched class. The entry names only the patched class, so it is inert once the model is unpatched."""
+    from transformers.utils import output_capturing  # a private registry: kept to this one place
+
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if registry is not None and not registry.get(model) and hasattr(type(model), "_can_record_outputs"):
+        registry[model] = type(model)._can_record_outputs
 
 
 def _attribute(module: nn.Module, path: str | None) -> nn.Module | None:

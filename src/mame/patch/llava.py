@@ -30,10 +30,6 @@ describing other tokens than the selected ones. So with ``vision_feature_layer =
 ``depth + 1`` hidden states, ``k = v % (depth + 1)``) only blocks ``0 .. k - 1`` may merge; others are refused. A
 list of feature layers is supported as long as every merge comes before the first of them (the concatenated hidden
 states then hold the same tokens).
-
-Two transformers details the tower needs for LLaVA to read its hidden states: the tower's patched class is registered
-for transformers' output recording (looked up by class name), and its encoder stops the ``output_hidden_states``
-flag on its way down to the patched layers, which refuse arguments (`EncoderDropsRecordingFlag`).
 """
 
 from __future__ import annotations
@@ -176,17 +172,6 @@ def _real_tokens(features: Sequence[torch.Tensor], state: TokenState,
     record = VisualTokens(counts=[len(t) for t in chosen], sizes=sizes, positions=positions,
                           unmerged=unmerged_length - drop)
     return chosen, record
-
-
-class EncoderDropsRecordingFlag(Picklable):
-    """Mixin for the vision tower's encoder: transformers' tower forward hands ``output_hidden_states`` (which LLaVA
-    sets to the selected layer) down through the encoder to every layer, whose output hooks record the hidden states
-    whatever the layers are told; the patched layers refuse arguments they would have to act on, so the flag stops
-    here. Without it the tower's hidden states, which LLaVA selects from, could not be asked for."""
-
-    def forward(self, *args, **kwargs):
-        kwargs.pop("output_hidden_states", None)
-        return super().forward(*args, **kwargs)
 
 
 class LlavaImageFeatures(Picklable):
@@ -374,17 +359,6 @@ class LlavaGeneration(Picklable):
         return inputs, record
 
 
-def _register_output_recording(model: nn.Module) -> None:
-    """Let a transformers model whose class was swapped still record its hidden states: transformers looks up what a
-    model can record (``_can_record_outputs``) by the name of its class, and the patched class's name is new. The
-    entry names only the patched class, so it is harmless once the model is unpatched."""
-    from transformers.utils import output_capturing  # a private registry: kept to this one place
-
-    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
-    if registry is not None and not registry.get(model):
-        registry[model] = type(model)._can_record_outputs
-
-
 def _pad_token_id(config) -> int:
     """The pad token of a LLaVA config (its own, its text model's), or 0."""
     for holder in (config, getattr(config, "text_config", None)):
@@ -422,8 +396,6 @@ def patch_llava(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: in
         unpatch(tower)
         raise
     swap_class(runtime, LlavaRuntime, runtime)
-    _register_output_recording(tower)
-    swap_class(tower.encoder, EncoderDropsRecordingFlag, runtime)
     swap_class(inner, LlavaImageFeatures, runtime)
     swap_class(model, LlavaGeneration, runtime)
     set_attributes(inner, runtime, mame=runtime)
