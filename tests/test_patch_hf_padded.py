@@ -12,7 +12,7 @@ from transformers import (BertConfig, BertModel, Siglip2Config, Siglip2Model, Si
                           Siglip2VisionModel, VideoMAEConfig, VideoMAEForVideoClassification)
 
 import mame
-from test_patch_hf import randomise_norms
+from test_patch_hf import DEPTH as HF_DEPTH, FAMILIES, images, randomise_norms
 
 HIDDEN, HEADS, DEPTH = 64, 4, 4
 
@@ -216,3 +216,46 @@ def test_patch_auto_picks_the_family():
     assert bert.mame.layers == (0,)
     with pytest.raises(ValueError, match="timm, transformers and open_clip"):
         mame.patch.auto(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["dinov2", "vit", "bert"])
+def test_gradient_checkpointing_replays_give_the_same_gradients(family, monkeypatch):
+    """transformers' GradientCheckpointingLayer replays each layer during backward; the replayed layers find the
+    sizes and padding they saw the first time, so outputs and gradients equal the run without checkpointing."""
+    import mame.patch.base
+
+    depth = DEPTH if family == "bert" else HF_DEPTH
+    calls = []
+    real_block_forward = mame.patch.base.block_forward
+
+    def counted_block_forward(block, *args):
+        calls.append(block)
+        return real_block_forward(block, *args)
+
+    # transformers checkpoints a layer's `forward` (module hooks stay outside), so count the shared block forward.
+    monkeypatch.setattr(mame.patch.base, "block_forward", counted_block_forward)
+
+    def loss_and_grads(checkpointing: bool):
+        if family == "bert":  # padded sentences: the first layer's replay must find the tokenizer's mask
+            model, (ids, mask) = tiny_bert().train(), sentences()
+            inputs = dict(input_ids=ids, attention_mask=mask)
+        else:
+            model, inputs = FAMILIES[family]().train(), dict(pixel_values=images())
+        mame.patch.hf(model, tau=0.2, layers=depth)
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        calls.clear()
+        out = model(**inputs).last_hidden_state
+        loss = out.square().mean()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), grads, len(calls)
+
+    plain, plain_grads, plain_calls = loss_and_grads(False)
+    replayed, replayed_grads, replayed_calls = loss_and_grads(True)
+    assert (plain_calls, replayed_calls) == (depth, 2 * depth)  # every layer replayed once during backward
+    torch.testing.assert_close(replayed, plain, atol=1e-6, rtol=1e-6)
+    assert plain_grads.keys() == replayed_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(replayed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -371,6 +371,10 @@ def block_forward(
 ) -> torch.Tensor:
     """Eqs 11-13 with LayerScale and drop-path: attention branch, merge, MLP branch."""
     state, remember = runtime.block_state(x, block.training)
+    if remember and (state.mask is not None or state.sizes is not None):
+        # The entry state too: the first block's input comes from outside (embeddings with a padding mask), and a
+        # replay of that block must find the mask it started from.
+        _remember_exit(runtime, x, state)
     x = _block_branches(block, x, layout, runtime, merger, proportional_attention, state)
     state.record(x)
     if remember:
