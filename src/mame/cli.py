@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 app = typer.Typer(
     help="MaMe (matrix-based token merging): faster transformers, measured honestly against the unmodified model "
@@ -186,8 +187,37 @@ def _bench_inputs(kind: str, batch: int, model, fit: Fit = Fit.center_crop):
     raise typer.BadParameter(f"data must be photos, fashion-mnist or noise, got {kind!r}")
 
 
-@app.command("eval")
+class _EvalGroup(TyperGroup):
+    """``mame eval``: a command of its own (``mame eval [MODEL] [OPTIONS]``, options before or after MODEL as before
+    it had sub-commands) and the group of ``mame eval zeroshot`` and ``mame eval video``.
+
+    A click group's positional argument would swallow the sub-command's name, and options after it would be taken
+    for a sub-command: so a first word that names a sub-command goes to it, and anything else is parsed as the
+    plain command's arguments and options, in any order."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.commands:
+            super().parse_args(ctx, [])  # the Fashion-MNIST options keep their defaults (unused)
+            ctx._protected_args, ctx.args = args[:1], args[1:]
+            return ctx.args
+        ctx.allow_interspersed_args = True
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        if ctx.command is not self:  # a sub-command's usage line: `mame eval zeroshot ...`, not `mame eval [MODEL] ...`
+            params = [param for param in params if param.param_type_name != "argument"]
+        return params
+
+
+eval_app = typer.Typer(cls=_EvalGroup, invoke_without_command=True, no_args_is_help=False, add_completion=False,
+                       subcommand_metavar="| zeroshot MODEL --images DIR | video VIDEO... --model ID")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback()
 def eval_command(
+    ctx: typer.Context,
     model: str = typer.Argument("dinov2_vits14_imgfocus", help=MODEL_HELP),
     n_train: int = typer.Option(2000, min=1, help="Fashion-MNIST train images (k-NN neighbours, probe fitting)"),
     n_test: int = typer.Option(1000, min=1, help="Fashion-MNIST test images scored"),
@@ -204,7 +234,14 @@ def eval_command(
 ) -> None:
     """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist): weighted k-NN (k=20)
     and logistic-regression probe on the features of the unmodified model, MaMe (per τ and option) and ToMe (per r),
-    with tokens after the last block, FLOP ratio and speed-up measured in the same process."""
+    with tokens after the last block, FLOP ratio and speed-up measured in the same process.
+
+    Sub-commands (Hugging Face transformers models, unmodified against merged in one process; `pip install
+    'mame\\[video]'`): `mame eval zeroshot MODEL --images DIR` is the zero-shot top-1 of a CLIP, SigLIP or SigLIP2
+    on an image folder (DIR/<class>/*.jpg), `mame eval video VIDEO... --model ID` runs a VideoMAE classifier on
+    real videos; `mame eval zeroshot --help` and `mame eval video --help` give their options."""
+    if ctx.invoked_subcommand is not None:
+        return
     import time
 
     import torch
@@ -240,6 +277,165 @@ def eval_command(
                 "torch": torch.__version__, "seconds": seconds}
         json_out.write_text(json.dumps(evaluate.results_to_json(results, meta), indent=2, default=str))
         console.print(f"wrote {json_out}")
+
+
+def _fail(message: str) -> None:
+    """Print a user error (bad input, a model that does not fit) and exit with status 2, as click does for bad
+    options."""
+    Console(stderr=True, width=console.width).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _from_pretrained(loader, name: str):
+    """``loader.from_pretrained(name)``, a clean error when that is neither a local folder nor a reachable hub id."""
+    try:
+        return loader.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        _fail(f"cannot load {name!r} with transformers' {loader.__name__}: {error}")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        _fail("this command needs Hugging Face transformers: pip install 'mame[hf]' (videos: 'mame[video]')")
+    return transformers
+
+
+def _write_json(path: Optional[Path], report: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2, default=str))
+        console.print(f"wrote {path}")
+
+
+HF_MODEL_HELP = "a local folder or a Hugging Face hub id"
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    model: str = typer.Argument(..., help=f"CLIP, SigLIP or SigLIP2 image-text model: {HF_MODEL_HELP}, e.g. "
+                                          "openai/clip-vit-base-patch16 or google/siglip2-base-patch16-512"),
+    images: Path = typer.Option(..., "--images", help="image folder: DIR/<class folder>/*.jpg|png (one folder per "
+                                                      "class; the folder names are the class names by default)"),
+    classes: Optional[str] = typer.Option(None, help="class names for the prompts, a comma list or a text file "
+                                                     "(one per line): the folder names in another order, one name "
+                                                     "per sorted folder, or 'folder=name' entries (only those "
+                                                     "folders)"),
+    templates: Optional[str] = typer.Option(None, help="prompt templates: a text file with one template per line, "
+                                                       "or one template; {} marks the class name (default: 7 "
+                                                       "built-in, 'a photo of a {}.' ...)"),
+    tau: float = typer.Option(0.8, help="MaMe threshold"),
+    layers: int = typer.Option(8, help="MaMe on the first K blocks of the image tower"),
+    batch: int = typer.Option(16, min=1, help="images per forward, also the timing batch"),
+    pairs: int = typer.Option(5, min=1, help="interleaved timing pairs (unmodified vs merged image tower)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", "--json", help="write every number (and each "
+                                                                             "image's prediction) to this JSON file"),
+) -> None:
+    """Zero-shot top-1 of a CLIP / SigLIP / SigLIP2 model on an image folder, unmodified and merged by MaMe in the
+    same process: tokens after the last block (mean per image), FLOP ratio and paired speed-up of the image tower,
+    top-1 of each. The class-name prompts are embedded once by the unmodified text tower (never patched)."""
+    import torch
+
+    from mame import zeroshot
+    from mame.bench import report_load
+
+    transformers = _transformers()
+    try:
+        class_spec = None if classes is None else zeroshot.parse_classes(classes)
+        prompt_templates = (zeroshot.DEFAULT_TEMPLATES if templates is None else zeroshot.parse_templates(templates))
+        zeroshot.image_folder(images, class_spec)  # bad folders fail before the model loads
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    _set_threads(threads)
+    net = _from_pretrained(transformers.AutoModel, model)
+    try:
+        zeroshot.check_image_text_model(net)  # before looking for a processor a wrong model may not have
+    except ValueError as error:
+        _fail(str(error))
+    processor = _from_pretrained(transformers.AutoProcessor, model)
+    load = report_load(console, torch.get_num_threads())
+    try:
+        report = zeroshot.zeroshot_eval(net.eval(), processor, images, class_spec, prompt_templates, tau=tau,
+                                        layers=layers, batch_size=batch, pairs=pairs, device=device,
+                                        model_name=model)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    report["meta"]["load_average_1min"] = load  # read before the run, when only other processes count in it
+    console.print(zeroshot.results_table(report))
+    _write_json(json_out, report)
+
+
+@eval_app.command("video")
+def eval_video(
+    videos: list[Path] = typer.Argument(..., help="video files (anything FFmpeg decodes: mp4, webm, avi, mkv, ...)"),
+    model: str = typer.Option(..., "--model", help=f"VideoMAEForVideoClassification: {HF_MODEL_HELP}, e.g. "
+                                                   "MCG-NJU/videomae-base-finetuned-kinetics"),
+    labels: Optional[list[str]] = typer.Option(None, "--labels", help="the true class of each video, in order "
+                                                                      "(repeat the option once per video): a class "
+                                                                      "name or index of the model's "
+                                                                      "config.id2label; gives the accuracy"),
+    frames: Optional[int] = typer.Option(None, min=1, help="frames sampled uniformly over each clip (default: the "
+                                                           "model's, 16 for VideoMAE)"),
+    size: Optional[int] = typer.Option(None, min=1, help="frames resized and centre-cropped to this side (default: "
+                                                         "the model's, 224)"),
+    tau: float = typer.Option(0.9, help="MaMe threshold"),
+    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    batch: int = typer.Option(1, min=1, help="clips per forward, also the timing batch"),
+    pairs: int = typer.Option(5, min=1, help="interleaved timing pairs (unmodified vs merged)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", "--json", help="write every number to this JSON "
+                                                                             "file"),
+) -> None:
+    """VideoMAE on real videos, unmodified and merged by MaMe in the same process: each video is decoded with PyAV
+    (frames sampled uniformly over the clip, resized and centre-cropped, normalised as the model's processor says,
+    ImageNet's statistics otherwise); reports tokens after the last block, FLOP ratio, paired speed-up, each video's
+    predicted class and, with --labels, the accuracy."""
+    import torch
+
+    from mame import video
+    from mame.bench import report_load
+    from mame.data import IMAGENET_MEAN, IMAGENET_STD
+
+    transformers = _transformers()
+    try:
+        video._av()
+    except ImportError as error:
+        _fail(str(error))
+    missing = [str(path) for path in videos if not path.is_file()]
+    if missing:
+        _fail(f"no such video file: {', '.join(missing)}")
+    _set_threads(threads)
+    net = _from_pretrained(transformers.AutoModelForVideoClassification, model)
+    try:  # bad labels, frames or size fail before anything runs
+        video.check_video_model(net)
+        video.model_input_shape(net, frames, size)
+        if labels:
+            if len(labels) != len(videos):
+                raise ValueError(f"{len(labels)} labels for {len(videos)} videos: give one --labels per video")
+            video.resolve_labels(net.config.id2label, labels)
+    except ValueError as error:
+        _fail(str(error))
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    try:
+        image_processor = transformers.AutoImageProcessor.from_pretrained(model)
+        mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+        console.print(f"normalisation from the model's processor: mean {mean}, std {std}")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        console.print("no image processor with the model: ImageNet mean and std")
+    load = report_load(console, torch.get_num_threads())
+    try:
+        report = video.video_eval(net.eval(), videos, labels or None, tau=tau, layers=layers, frames=frames,
+                                  size=size, mean=mean, std=std, batch_size=batch, pairs=pairs, device=device,
+                                  model_name=model)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    report["meta"]["load_average_1min"] = load
+    console.print(video.results_table(report))
+    console.print(video.predictions_table(report))
+    _write_json(json_out, report)
 
 
 if __name__ == "__main__":
