@@ -17,16 +17,14 @@ import pytest
 import torch
 import typer
 from PIL import Image
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
+                          CLIPVisionConfig, CLIPVisionModel, Siglip2Config, Siglip2ImageProcessor, Siglip2Model,
+                          SiglipConfig, SiglipImageProcessor, SiglipModel)
 from typer.testing import CliRunner
 
 import mame
 from mame import bench, zeroshot
 from mame.cli import app
-
-pytest.importorskip("transformers")
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,  # noqa: E402
-                          CLIPVisionConfig, CLIPVisionModel, Siglip2Config, Siglip2ImageProcessor, Siglip2Model,
-                          SiglipConfig, SiglipImageProcessor, SiglipModel)
 
 CANDIDATES = ("cat", "dog", "car", "tree", "boat", "house", "bird", "rocket")
 TEMPLATES = ("a photo of a {}.", "a picture of the {}.")
