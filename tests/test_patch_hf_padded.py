@@ -199,8 +199,13 @@ def test_hidden_states_are_recorded_merged_and_attention_weights_refused():
     assert len(got) == DEPTH + 1
     assert all(torch.allclose(g[real], e[real], atol=1e-5) for g, e in zip(got, expected))
     mame.patch.hf(model, tau=0.3, layers=2)
-    lengths = [h.shape[1] for h in model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states]
+    states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    lengths = [h.shape[1] for h in states]
     assert lengths[0] == 12 and lengths[2] < lengths[1] < 12  # padded to the longest sentence after each merge
+    masks = model.mame.last_token_masks
+    assert len(masks) == DEPTH and [m.shape[1] for m in masks] == lengths[1:]
+    assert masks[-1].sum(1).tolist() == model.mame.state.counts[-1].tolist()
+    assert torch.equal(masks[-1], model.mame.state.mask)
     with pytest.raises(ValueError, match="cannot honour output_attentions"):
         model(input_ids=ids, attention_mask=mask, output_attentions=True)
 

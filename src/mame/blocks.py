@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import operator
+import os
 import threading
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
@@ -152,6 +155,7 @@ class Merger(Protocol):
 
 
 METRICS = ("x", "keys", "keys_mean")
+THRESHOLDS_FORMAT = "mame-thresholds/1"  # the JSON of `MergeRuntime.save_thresholds`
 
 
 def _metric(name: str, keys: torch.Tensor | None) -> torch.Tensor | None:
@@ -180,6 +184,18 @@ class MameMerge:
     @property
     def needs_keys(self) -> bool:
         return self.metric != "x"
+
+    def kept_tokens(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None,
+                    tau: float | None = None) -> torch.Tensor:
+        """(B,) real tokens each sample would keep after this merge (at ``tau`` when given), without fusing any
+        token: the plan is made on the same similarities, the fused values are left out (`mame.calibrate`)."""
+        metric = _metric(self.metric, keys)
+        stand_in = x.new_zeros(*x.shape[:2], 1)  # only the plan's lengths are read, not the merged tokens
+        return merge(
+            stand_in, self.tau if tau is None else tau, state.num_special, self.partition, self.prune,
+            self.batch_rule, self.causal, self.eps, dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes,
+            mask=state.mask, size_weighted=self.size_weighted, check=False,
+            metric=x if metric is None else metric)[1].lengths
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
         if self.check_finite and not bool(torch.isfinite(x if state.mask is None else x[state.mask]).all()):
@@ -250,6 +266,7 @@ class MergeRuntime:
     num_special: int
     packed: bool = True
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    calibration: dict | None = None  # what `mame.calibrate` fitted these thresholds for (target, images, result)
     _last: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -258,6 +275,23 @@ class MergeRuntime:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _last=threading.local())
+
+    def thresholds(self) -> dict:
+        """The patch as a JSON-ready dict: ``{"format", "settings", "calibration"}``, where ``settings`` are the
+        keyword arguments of the patch function (``tau`` one per patched block, ``layers``, the options) and
+        ``calibration`` says what `mame.calibrate` fitted them for (None for a hand-set τ). Re-apply it with
+        `mame.calibrate.load_thresholds`."""
+        if not isinstance(self.settings, dict) or self.settings.get("method") != "mame":
+            raise ValueError("only a MaMe patch has thresholds to save")
+        settings = {name: list(value) if isinstance(value, tuple) else value
+                    for name, value in self.settings.items() if name != "method"}
+        return {"format": THRESHOLDS_FORMAT, "settings": settings, "calibration": self.calibration}
+
+    def save_thresholds(self, path: str | os.PathLike) -> Path:
+        """Write `thresholds` to ``path`` as JSON (floats written exactly, so loading merges identically)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.thresholds(), indent=2) + "\n")
+        return path
 
     @contextlib.contextmanager
     def scope(self, training: bool) -> Iterator[TokenState]:
@@ -311,6 +345,17 @@ class MergeRuntime:
         if state is None:
             return []
         return [c if isinstance(c, int) else float(c.float().mean()) for c in state.counts]
+
+    @property
+    def last_token_masks(self) -> list[torch.Tensor | None]:
+        """For every block of this thread's last forward, the (B, L) mask of real tokens in its padded output (each
+        sample's real tokens come first), or None where no sample was padded: the masks of transformers'
+        ``hidden_states[1:]``, whose ragged batches are padded to their longest sample."""
+        state = self.state
+        if state is None:
+            return []
+        return [None if isinstance(count, int) else
+                torch.arange(int(count.max()), device=count.device) < count[:, None] for count in state.counts]
 
     @property
     def last_plans(self) -> list[FusionPlan]:
