@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 import mame
+from test_patch_hf import images  # a flat, a noise and a half/half image of the same 32-px size
 
 WIDTH, HEADS, DEPTH, IMG, PATCH, EMBED = 64, 4, 4, 32, 8, 32
 GRID = (IMG // PATCH) ** 2
@@ -48,16 +49,6 @@ def tiny_clip(seed: int = 0, **vision) -> open_clip.CLIP:
                            text_cfg=dict(context_length=8, vocab_size=99, width=32, heads=4, layers=2)).eval()
     randomise(model)
     return model
-
-
-def images(batch: int = 3) -> torch.Tensor:
-    """A flat image, a noise image and a half/half one: they merge very differently."""
-    gen = torch.Generator().manual_seed(11)
-    flat = torch.full((3, IMG, IMG), 0.3)
-    noise = torch.randn(3, IMG, IMG, generator=gen)
-    half = noise.clone()
-    half[:, : IMG // 2] = 0.3
-    return torch.stack([flat, noise, half])[:batch]
 
 
 TEXT = torch.tensor([[1, 5, 7, 2, 0, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0, 0]])
