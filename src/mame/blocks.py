@@ -180,6 +180,7 @@ class MameMerge:
     eps: float = 1e-6
     check_finite: bool = False
     metric: str = "x"
+    discard_preserved: bool = False  # drop preserved sources: every merge keeps exactly the destinations (2:1)
 
     @property
     def needs_keys(self) -> bool:
@@ -194,7 +195,7 @@ class MameMerge:
         return merge(
             stand_in, self.tau if tau is None else tau, state.num_special, self.partition, self.prune,
             self.batch_rule, self.causal, self.eps, dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes,
-            mask=state.mask, size_weighted=self.size_weighted, check=False,
+            mask=state.mask, size_weighted=self.size_weighted, check=False, discard_preserved=self.discard_preserved,
             metric=x if metric is None else metric)[1].lengths
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
@@ -203,7 +204,8 @@ class MameMerge:
         y, plan = merge(
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
-            size_weighted=self.size_weighted, check=False, metric=_metric(self.metric, keys))
+            size_weighted=self.size_weighted, check=False, metric=_metric(self.metric, keys),
+            discard_preserved=self.discard_preserved)
         # Samples of equal length need no padding mask: attention then runs without a bias, the MLP unpacked.
         state.sizes = plan.sizes.detach()  # bookkeeping, see `TokenState.sizes`
         state.mask = None if plan.mask is None or bool(plan.mask.all()) else plan.mask

@@ -46,9 +46,9 @@ def resolve_taus(tau: float | Sequence[float], count: int) -> tuple[float, ...]:
 
 def mame_mergers(
     layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
-    causal: bool | str, size_weighted: bool, check: bool = False, metric: str = "x",
+    causal: bool | str, size_weighted: bool, check: bool = False, metric: str = "x", discard_preserved: bool = False,
 ) -> dict[int, Merger]:
-    """One checked `MameMerge` per patched block."""
+    """One checked `MameMerge` per patched block (``discard_preserved``: the 2:1 rule, see `patch_timm`)."""
     check_options(partition, batch_rule, causal)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -60,7 +60,8 @@ def mame_mergers(
                          "batch_rule='any'")
     return {
         index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
-                         size_weighted=size_weighted, check_finite=check, metric=metric)
+                         size_weighted=size_weighted, check_finite=check, metric=metric,
+                         discard_preserved=discard_preserved)
         for index, t in zip(layers, taus)
     }
 
@@ -68,14 +69,18 @@ def mame_mergers(
 def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout, num_special: int,
                  model_mixin: type[ScopedForward], *, tau: float | Sequence[float], layers: int | Sequence[int],
                  batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
-                 packed: bool, check: bool, metric: str, scoped: nn.Module | None = None) -> nn.Module:
+                 packed: bool, check: bool, metric: str, scoped: nn.Module | None = None,
+                 discard_preserved: bool = False) -> nn.Module:
     """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``
     (``scoped``: see `mame.patch.base.install`)."""
     indices = resolve_layers(layers, len(blocks))
     taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
-                           size_weighted=size_weighted, check=check, metric=metric)
+                           size_weighted=size_weighted, check=check, metric=metric,
+                           discard_preserved=discard_preserved)
     settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
                     size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
+    if discard_preserved:  # only when set, so the saved thresholds of other families stay valid patch arguments
+        settings["discard_preserved"] = True
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=packed)
     return install(model, blocks, layout, mergers, runtime, proportional_attention, model_mixin, scoped)

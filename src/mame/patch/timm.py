@@ -172,6 +172,7 @@ def patch_timm(
     packed: bool = True,
     check: bool = False,
     metric: str = "x",
+    discard_preserved: bool = False,
 ) -> nn.Module:
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
 
@@ -199,6 +200,9 @@ def patch_timm(
         check: scan the tokens for NaN and Inf before every merge and raise a ValueError. Off by default, like
             the patched forward's other checks (one pass over the tokens per merge); without it NaN input gives NaN
             output, as in the unpatched model.
+        discard_preserved: drop the preserved sources instead of keeping them, so every merge keeps exactly the class
+            token(s) and the destinations: the paper's "2:1" rule for training from scratch (section 4: the tokens
+            other than the class token halve at each merge point; `mame.train`). Off by default (eq 10 keeps them).
 
     Returns:
         the same model, patched; ``model.mame`` holds the settings and ``model.mame.last_token_counts``.
@@ -207,5 +211,5 @@ def patch_timm(
     return install_mame(model, list(model.blocks), TIMM_LAYOUT, model.num_prefix_tokens, PatchedViT, tau=tau,
                         layers=layers, batch_rule=batch_rule, partition=partition, prune=prune,
                         size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
-                        check=check, metric=metric)
+                        check=check, metric=metric, discard_preserved=discard_preserved)
 
