@@ -73,6 +73,12 @@ class AttentionLayout:
         scale: ``scale(attn)`` -> the logit scale.
         dropout: ``dropout(attn)`` -> attention-probability dropout in training.
         heads: ``heads(attn)`` -> the number of heads (for the cost of attention groups).
+        cache_index: causal language models only (`mame.causal`): ``cache_index(attn)`` -> the layer's index in
+            transformers' KV ``Cache``. When set, the block's attention runs through the token layout's
+            ``attend_cached`` (positions, causal mask, cache update, grouped-query heads); None for encoders.
+        rotary: causal language models only: ``rotary(q, k, cos, sin)`` -> q and k (B, L, heads, head_dim) with
+            rotary position embeddings applied from each token's own ``cos``/``sin`` (B, L, head_dim); None where
+            positions do not enter attention (learned absolute positions, GPT-2).
     """
 
     qkv: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -81,6 +87,9 @@ class AttentionLayout:
     scale: Callable[[nn.Module], float]
     dropout: Callable[[nn.Module], float]
     heads: Callable[[nn.Module], int]
+    cache_index: Callable[[nn.Module], int] | None = None
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ token layouts

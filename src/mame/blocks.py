@@ -94,6 +94,8 @@ class TokenState:
         plans: one `FusionPlan` per merge (kept when ``keep_plans``), for unmerging and source maps.
         counts: real tokens per sample after every block, as tensors until the forward ends.
         merges: merges run so far (a merger that keeps no plans, as ToMe, leaves fewer plans than merges).
+        sequence: causal language models only: the forward's `mame.causal.SequenceState` (each token's position,
+            the KV cache and its record); it then lays out the tokens (`token_layout`), None for encoders.
     """
 
     num_special: int
@@ -103,6 +105,7 @@ class TokenState:
     plans: list = field(default_factory=list)
     counts: list = field(default_factory=list)
     merges: int = 0
+    sequence: object | None = None
     _layout_key: tuple | None = field(default=None, repr=False)
     _layout: TokenLayout | None = field(default=None, repr=False)
 
@@ -110,7 +113,9 @@ class TokenState:
         """How the blocks lay out these tokens until the next merge: packed real tokens for a ragged batch in
         inference (``packed``), else the padded batch with an additive (B, 1, 1, L) attention bias (-inf on padding,
         plus log(size) for proportional attention, ToMe's) or none. Made once per merge, reused by the blocks after
-        it until sizes or mask change."""
+        it until sizes or mask change. A causal language model's forward lays out its tokens itself (`sequence`)."""
+        if self.sequence is not None:
+            return self.sequence.token_layout(self, x, proportional)
         key = (self.sizes, self.mask, proportional, packed, x.dtype)
         if self._layout_key is not None and all(a is b for a, b in zip(self._layout_key, key)):
             return self._layout
@@ -438,8 +443,12 @@ def _attention(block: nn.Module, layout: BlockLayout, tokens_layout: TokenLayout
     attn = operator.attrgetter(layout.attn)(block)
     normed = layout.branch_input(block, tokens, layout.norm1)
     q, k, v = parts.qkv(attn, normed)
-    out = tokens_layout.attend(q, k, v, parts.scale(attn), parts.dropout(attn) if block.training else 0.0,
-                               functools.partial(parts.qk_norm, attn))
+    dropout, qk_norm = parts.dropout(attn) if block.training else 0.0, functools.partial(parts.qk_norm, attn)
+    if parts.cache_index is None:
+        out = tokens_layout.attend(q, k, v, parts.scale(attn), dropout, qk_norm)
+    else:  # a causal language model's layer (`mame.causal.CausalTokens`): positions, causal mask, KV cache
+        out = tokens_layout.attend_cached(q, k, v, parts.scale(attn), dropout, qk_norm, parts.rotary,
+                                          parts.cache_index(attn))
     return parts.output(attn, out, normed), (tokens_layout.unpack(k) if want_keys else None)
 
 

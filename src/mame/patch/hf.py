@@ -29,6 +29,7 @@ from torch import nn
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
 from mame.patch.base import Picklable, ScopedForward, set_attributes, swap_class
+from mame.patch.causal_lm import is_causal_lm_class, patch_causal_lm
 from mame.patch.options import install_mame
 
 
@@ -244,14 +245,25 @@ def _family(model: nn.Module) -> _Family:
 def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int | Sequence[int] = 8, *,
              batch_rule: str = "per_sample", partition: str = "alternating", prune: bool = True,
              size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
-             check: bool = False, metric: str = "x") -> nn.Module:
+             check: bool = False, metric: str = "x", causal: bool | str | None = None) -> nn.Module:
     """Apply MaMe in place to a transformers encoder, with the options and defaults of `mame.patch.timm` (see
     there); the class token, where the model has one, never merges. Undo with ``mame.unpatch(model)``.
 
     Padded inputs (BERT's ``attention_mask``, SigLIP2's ``pixel_attention_mask``) must be padded at the end of each
     sample. ``last_hidden_state`` is then the merged, per-sample padded tokens: ``model.mame.mean_pool(hidden)`` is
     each sample's mean over its original tokens, ``model.mame.state.mask`` marks real tokens.
-    A ``LlavaForConditionalGeneration`` goes to `mame.patch.llava.patch_llava`: fewer image tokens reach its LM."""
+    A ``LlavaForConditionalGeneration`` goes to `mame.patch.llava.patch_llava`: fewer image tokens reach its LM.
+    A decoder-only LM (Llama, Qwen2, Mistral, GPT-2) goes to `mame.patch.causal_lm.patch_causal_lm`: its prompt is
+    merged causally during prefill (``causal``: "strict" by default, or "paper"), its KV cache is shorter; encoders
+    take no ``causal`` option."""
+    if is_causal_lm_class(type(model)):
+        return patch_causal_lm(model, tau, layers, causal=causal, batch_rule=batch_rule, partition=partition,
+                               prune=prune, size_weighted=size_weighted,
+                               proportional_attention=proportional_attention, check=check, metric=metric)
+    if causal not in (None, False):
+        raise ValueError(f"causal={causal!r}: causal merging is for decoder-only language models (Llama, Qwen2, "
+                         f"Mistral, GPT-2); {type(model).__name__} merges its tokens non-causally")
+    del causal
     if any(cls.__name__ == "LlavaForConditionalGeneration" for cls in type(model).__mro__):
         options = dict(locals())  # every argument, as given
         from mame.patch.llava import patch_llava  # imported here: it needs transformers' LLaVA
