@@ -174,7 +174,9 @@ def test_forward_feeds_exactly_the_merged_features_and_each_row_as_alone(counted
     assert calls[0] == 1
     record = model.mame.last_visual_tokens
     assert record.counts[0] > record.counts[1]
-    assert out.image_hidden_states.shape[0] == sum(record.counts)
+    features = out.image_hidden_states  # one tensor (transformers 5.23), a tensor per image from 5.24
+    per_image = list(features) if isinstance(features, (list, tuple)) else [features]
+    assert sum(f.shape[0] for f in per_image) == sum(record.counts)
     lengths = record.attention_mask.sum(1)
     assert torch.equal(record.attention_mask, (torch.arange(out.logits.shape[1]) < lengths[:, None]).long())
     assert (record.input_ids[1, int(lengths[1]):] == PAD).all()

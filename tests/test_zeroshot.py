@@ -358,7 +358,8 @@ def test_eval_is_still_the_fashion_mnist_command(monkeypatch):
         result = invoke("eval", *args)
         assert result.exit_code == 0, result.output
         assert calls == ["vit_tiny_patch16_224", (["unmodified", "MaMe τ=0.5"],
-                                                  {"n_train": 3, "n_test": 2, "seed": 0, "batch_size": 32})]
+                                                  {"n_train": 3, "n_test": 2, "seed": 0, "batch_size": 32,
+                                                   "dataset": "fashion_mnist"})]
     calls.clear()
     assert invoke("eval", "--tome-r", "0", "--tau", "0.5", "--options", "plain").exit_code == 0
     assert calls[0] == "dinov2_vits14_imgfocus"
