@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import mame
 from mame import lm
 from mame.baselines.kv import KnormPress, StreamingLLMPress
-from mame.causal import cache_record, real_first, right_align
+from mame.causal import cache_argument, cache_record, output_cache, real_first, right_align
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +143,7 @@ def test_kv_length_equals_the_merged_count_per_layer(lm_model):
         output = patched(ids, use_cache=True)
     counts = patched.mame.last_token_counts
     entering = [ids.shape[1]] + counts[:-1]  # a layer caches the tokens that reach its attention
-    assert [output.past_key_values.get_seq_length(i) for i in range(len(counts))] == entering
+    assert [output_cache(output).get_seq_length(i) for i in range(len(counts))] == entering
     assert patched.mame.last_kv_lengths == [[n] for n in entering]
     assert entering[1] < ids.shape[1] and entering[2] < entering[1]  # two merging layers, each shorter
     assert output.logits.shape == (1, ids.shape[1], VOCAB)  # right-aligned at the prompt length
@@ -155,7 +155,7 @@ def test_merged_sequence_stays_in_position_order_with_destination_positions(lm_m
     patched = _merged(model)
     with torch.no_grad():
         output = patched(ids, use_cache=True)
-    record = cache_record(output.past_key_values)
+    record = cache_record(output_cache(output))
     anchors = patched.mame.last_anchors[0]
     real = anchors[anchors >= 0]
     assert torch.all(real[1:] > real[:-1])  # destinations and preserved sources interleaved in position order
@@ -177,7 +177,7 @@ def test_rotary_is_gathered_at_each_merged_tokens_position():
     with torch.no_grad():
         output = patched(ids, use_cache=True)
     hook.remove()
-    positions = cache_record(output.past_key_values).positions[1]
+    positions = cache_record(output_cache(output)).positions[1]
     assert positions.shape[1] < ids.shape[1] and int(positions[0, -1]) == ids.shape[1] - 1
     layer = patched.model.layers[1]
     attention = layer.self_attn
@@ -186,7 +186,7 @@ def test_rotary_is_gathered_at_each_merged_tokens_position():
         keys = keys.view(1, -1, model.config.num_key_value_heads, attention.head_dim).transpose(1, 2)
         cos, sin = patched.model.rotary_emb(keys, positions)
         _, expected = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(keys, keys, cos, sin)
-    torch.testing.assert_close(output.past_key_values.layers[1].keys, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(output_cache(output).layers[1].keys, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_padded_batch_merges_each_prompt_as_alone(lm_model):
@@ -212,20 +212,24 @@ def test_generation_continues_a_merged_cache_at_unmerged_positions(lm_model):
     steps = 5
     generated = _greedy(patched, ids, mask, tokens=steps)
     assert generated.shape == (3, 28 + steps)
+    assert not patched.mame.last_sequence.prefill  # generate's decoding steps continued the cache
+    after_generate = patched.mame.last_kv_lengths
     # New tokens never merge: every layer's cache grew by the tokens fed after prefill; positions continue from the
     # prompt's real length, not from the shorter cache.
     with torch.no_grad():
         prefill = patched(ids, attention_mask=mask, use_cache=True)
         prompt_lengths = patched.mame.last_kv_lengths
-        cache = prefill.past_key_values
+        cache = output_cache(prefill)
         for step in range(3):
             token = torch.full((3, 1), 5 + step)
             full_mask = torch.cat([mask, torch.ones(3, step + 1, dtype=mask.dtype)], dim=1)
-            patched(token, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+            patched(token, attention_mask=full_mask, cache=cache, use_cache=True)
             expected = mask.sum(1) + step
             assert torch.equal(patched.mame.last_sequence.positions[:, 0], expected)
             assert patched.mame.last_token_counts == [1, 1, 1]
     assert patched.mame.last_kv_lengths == [[n + 3 for n in layer] for layer in prompt_lengths]
+    assert after_generate == [[n + steps - 1 for n in layer] for layer in prompt_lengths]
+    assert min(prompt_lengths[-1]) < 19  # merged: shorter than every prompt's real length
 
 
 def test_decoding_one_token_at_a_time_equals_one_chunk(lm_model):
@@ -235,9 +239,9 @@ def test_decoding_one_token_at_a_time_equals_one_chunk(lm_model):
     patched = _merged(model)
     new = torch.tensor([[7, 9, 11, 4]])
     with torch.no_grad():
-        cache = patched(ids, use_cache=True).past_key_values
+        cache = output_cache(patched(ids, use_cache=True))
         chunk = patched(new, past_key_values=copy.deepcopy(cache), use_cache=True).logits
-        steps = [patched(new[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(4)]
+        steps = [patched(new[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(4)]
     torch.testing.assert_close(chunk, torch.cat(steps, dim=1), atol=1e-5, rtol=1e-5)
 
 
@@ -311,7 +315,7 @@ def test_paper_mode_merges_too():
     patched = mame.patch.hf(copy.deepcopy(model), tau=0.0, layers=[0], causal="paper")
     with torch.no_grad():
         output = patched(_prompts(length=30), use_cache=True)
-    assert output.past_key_values.get_seq_length(1) < 30
+    assert output_cache(output).get_seq_length(1) < 30
 
 
 # ------------------------------------------------------------------------------------------------ layout helpers
@@ -332,7 +336,7 @@ def test_real_first_and_right_align_round_trip():
 def _prefilled(model, length=40):
     ids = _prompts(length=length)
     with torch.no_grad():
-        return ids, model(ids, use_cache=True).past_key_values
+        return ids, output_cache(model(ids, use_cache=True))
 
 
 @pytest.mark.parametrize("press", [lm.MamePress(), StreamingLLMPress(), KnormPress()], ids=lambda p: p.name)
@@ -344,7 +348,7 @@ def test_presses_meet_the_budget_and_decode(press):
     record = cache_record(cache)
     assert all(bool((p < 40).all()) for p in record.positions.values())
     with torch.no_grad():  # the unpatched model continues at explicit positions
-        logits = model(torch.tensor([[5]]), past_key_values=cache, position_ids=torch.tensor([[40]])).logits
+        logits = model(torch.tensor([[5]]), **{cache_argument(model): cache}, position_ids=torch.tensor([[40]])).logits
     assert torch.isfinite(logits).all()
 
 

@@ -27,6 +27,7 @@ tokens in position order, padded in front with zeros, so the last column is alwa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,33 @@ def cache_record(cache: object | None) -> CacheRecord | None:
 def attach_record(cache: object, record: CacheRecord) -> None:
     """Keep ``record`` on ``cache`` (read by every later forward that continues from it)."""
     setattr(cache, RECORD_ATTRIBUTE, record)
+
+
+def output_cache(output: object) -> object | None:
+    """The KV cache a transformers model output carries: ``output.cache`` (transformers >= 5.24) or
+    ``output.past_key_values`` (earlier)."""
+    cache = getattr(output, "cache", None)
+    if cache is None and "cache" not in getattr(output, "keys", lambda: ())():
+        cache = getattr(output, "past_key_values", None)
+    return cache
+
+
+def cache_argument(module: object) -> str:
+    """The name under which ``module``'s forward takes its KV cache: ``"cache"`` (transformers >= 5.24) or
+    ``"past_key_values"``."""
+    return _cache_argument(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(module_class: type) -> str:
+    import inspect
+
+    forward = module_class.forward
+    for cls in module_class.__mro__:  # a patched class's own forward takes both; its parent's tells the version
+        if "forward" in vars(cls) and not getattr(vars(cls)["forward"], "_mame_takes_both", False):
+            forward = vars(cls)["forward"]
+            break
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def cache_length(cache: object, layer: int) -> int:

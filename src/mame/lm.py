@@ -35,7 +35,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from mame.causal import CacheRecord, attach_record, position_order, rotate_half
+from mame.causal import CacheRecord, attach_record, cache_argument, output_cache, position_order, rotate_half
 from mame.core import merge, partition_indices
 
 LM_DEFAULT = "smollm2-135m-instruct"
@@ -188,15 +188,28 @@ class MamePress:
     between the similarities of its n-th and (n+1)-th most similar (source, destination) pairs, n being the tokens it
     must remove. The last round lands on ``keep`` exactly.
 
+    With ``extra_rounds`` more rounds than that minimum, each round removes fewer tokens, so only the most similar
+    neighbours merge first and groups grow where tokens are alike (a single round at a 50 % budget must merge every
+    pair, whatever their similarity). ``window`` keeps the most recent tokens out of merging (as StreamingLLM keeps
+    them all).
+
     Attributes:
         num_special: leading tokens that never merge (the attention sink).
         metric: ``"keys"`` (raw keys, all heads) or ``"keys_values"`` (raw keys and values).
         size_weighted: merged tokens weigh by how many prompt tokens they stand for.
+        extra_rounds: rounds beyond the fewest that can reach the budget (2 measured best on SmolLM2, see
+            benchmarks/bench_lm.py).
+        window: the last tokens that never merge (0 = none), capped at half the budget.
+        keep_norms: give each merged key (per head) the mean norm of the keys it merged, not the shorter norm of
+            their average.
     """
 
     num_special: int = 1
     metric: str = "keys"
     size_weighted: bool = True
+    extra_rounds: int = 2
+    window: int = 0
+    keep_norms: bool = False
     name: str = "mame-kv"
 
     def compress(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: int,
@@ -214,18 +227,37 @@ class MamePress:
         raw = keys.transpose(1, 2)  # (1, K, H, d)
         if rotary is not None:
             raw = unrotate(raw, *rotary(positions))
-        tokens = torch.cat([raw.flatten(2), values.transpose(1, 2).flatten(2)], dim=-1).float()
+        # Each token: its raw key, its value and, when norms are kept, its per-head key norms (merged alongside, so a
+        # merged key can be given its members' mean norm: averaging keys of different directions shortens them).
+        parts = [raw.flatten(2), values.transpose(1, 2).flatten(2)]
+        if self.keep_norms:
+            parts.append(torch.linalg.vector_norm(raw, dim=-1))
+        tokens = torch.cat(parts, dim=-1).float()
         width = heads * dim
-        while tokens.shape[1] > keep:
-            tokens, positions, sizes = self._round(tokens, positions, sizes, keep, width)
-        merged_keys = tokens[..., :width].view(1, -1, heads, dim).to(keys.dtype)
-        merged_values = tokens[..., width:].view(1, -1, heads, dim).to(values.dtype)
+        window = min(self.window, keep // 2)
+        older = length - window
+        recent = (tokens[:, older:], positions[:, older:], sizes[:, older:])
+        tokens, positions, sizes = tokens[:, :older], positions[:, :older], sizes[:, :older]
+        target = keep - window
+        rounds = max(1, math.ceil(math.log2((length - window - self.num_special) / (target - self.num_special))))
+        rounds += self.extra_rounds
+        while tokens.shape[1] > target:
+            tokens, positions, sizes = self._round(tokens, positions, sizes, target, width, rounds)
+            rounds = max(1, rounds - 1)
+        tokens, positions, sizes = (torch.cat([a, b], dim=1) for a, b in zip((tokens, positions, sizes), recent))
+        merged_keys = tokens[..., :width].view(1, -1, heads, dim)
+        merged_values = tokens[..., width : 2 * width].view(1, -1, heads, dim).to(values.dtype)
+        if self.keep_norms:
+            norms = torch.linalg.vector_norm(merged_keys, dim=-1, keepdim=True).clamp_min(1e-12)
+            merged_keys = merged_keys * (tokens[..., 2 * width :].unsqueeze(-1) / norms)
+        merged_keys = merged_keys.to(keys.dtype)
         if rotary is not None:
             merged_keys = rotate(merged_keys, *rotary(positions))
         return merged_keys.transpose(1, 2), merged_values.transpose(1, 2), positions, sizes
 
     def _round(self, tokens: torch.Tensor, positions: torch.Tensor, sizes: torch.Tensor, keep: int,
-               width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               width: int, rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One merge removing the tokens' share due this round (``rounds`` rounds left to reach ``keep``)."""
         count, special = tokens.shape[1], self.num_special
         metric = tokens[..., :width] if self.metric == "keys" else tokens
         dst, src = partition_indices(count, special, "alternating", device=tokens.device)
@@ -233,7 +265,7 @@ class MamePress:
         paired = nearest < dst.numel()
         a, b = metric[0, src[paired]], metric[0, dst[nearest[paired]]]
         similarity = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
-        rounds = max(1, math.ceil(math.log2((count - special) / (keep - special))))
+        rounds = max(rounds, math.ceil(math.log2((count - special) / (keep - special))))
         target = special + (count - special) * ((keep - special) / (count - special)) ** (1.0 / rounds)
         remove = min(similarity.numel(), max(1, count - max(keep, round(target))))
         ranked = similarity.sort(descending=True).values
@@ -418,7 +450,7 @@ def _continuation_nll(model: nn.Module, cache: object, first_logits: torch.Tenso
     forward of the continuation continuing ``cache`` at positions start.. (never derived from the cache length)."""
     with torch.no_grad():
         positions = torch.arange(start, start + continuation.shape[1] - 1, device=continuation.device)[None]
-        logits = model(continuation[:, :-1], past_key_values=cache, position_ids=positions, use_cache=True).logits
+        logits = model(continuation[:, :-1], **{cache_argument(model): cache}, position_ids=positions, use_cache=True).logits
     logits = torch.cat([first_logits[:, None], logits], dim=1)
     return float(torch.nn.functional.cross_entropy(logits[0].float(), continuation[0]))
 
@@ -432,7 +464,7 @@ def _greedy(model: nn.Module, cache: object, first_logits: torch.Tensor, start: 
     with torch.no_grad():
         for step in range(steps - 1):
             position = torch.tensor([[start + step]], device=token.device)
-            logits = model(token, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1]
+            logits = model(token, **{cache_argument(model): cache}, position_ids=position, use_cache=True).logits[:, -1]
             token = logits.argmax(-1, keepdim=True)
             tokens.append(int(token))
     return tokens, time.perf_counter() - begin
@@ -441,7 +473,7 @@ def _greedy(model: nn.Module, cache: object, first_logits: torch.Tensor, start: 
 def _prefill(model: nn.Module, prompt: torch.Tensor) -> tuple[object, torch.Tensor]:
     with torch.no_grad():
         output = model(prompt, use_cache=True, logits_to_keep=1)
-    return output.past_key_values, output.logits[:, -1]
+    return output_cache(output), output.logits[:, -1]
 
 
 METHODS = ("mame", "mame-kv", "streaming-llm", "knorm")
@@ -461,7 +493,8 @@ def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    hidden_options = {"size_weighted": True, **(hidden_options or {})}
+    # Proportional attention off: measured slightly better for hidden-state merging in SmolLM2.
+    hidden_options = {"proportional_attention": False, **(hidden_options or {})}
     press_options = press_options or {}
     unpatch(model)
     length = prompt.shape[1]
@@ -523,3 +556,89 @@ def markdown_table(results: Sequence[LMResult]) -> str:
             f"| {mean(r.prefix_agreement for r in rows):.1f} | {statistics.median(r.prefill_ratio for r in rows):.2f} "
             f"| {statistics.median(r.decode_ratio for r in rows):.2f} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- one prompt (CLI)
+@dataclass
+class PromptComparison:
+    """One prompt through the LM without and with causal MaMe (`compare_prompt`, ``mame lm``).
+
+    Attributes:
+        prompt_tokens: tokens in the prompt.
+        kv_unmerged / kv_merged: cached keys per layer after prefill.
+        token_counts: tokens after each layer of the merged prefill.
+        prefill_ratio: merged / unmerged prefill time, median of ``pairs`` interleaved pairs (order alternating).
+        text_unmerged / text_merged: the greedy continuations.
+        agreement: share of greedy tokens that agree, position by position.
+    """
+
+    prompt_tokens: int
+    kv_unmerged: list[int]
+    kv_merged: list[int]
+    token_counts: list[float]
+    prefill_ratio: float
+    text_unmerged: str
+    text_merged: str
+    agreement: float
+    settings: dict = field(default_factory=dict)
+
+
+def compare_prompt(tokenizer, model: nn.Module, text: str, tau: float | Sequence[float], layers: int | Sequence[int],
+                   causal: str = "strict", max_new_tokens: int = 32, chat: bool = False, pairs: int = 3,
+                   **options) -> PromptComparison:
+    """Run ``text`` through ``model`` unmodified and patched with causal MaMe (``tau``, ``layers``, ``causal``,
+    further `mame.patch.causal_lm.patch_causal_lm` options): KV lengths, prefill time ratio, greedy generations. The
+    model is left unpatched."""
+    import statistics
+
+    from mame.patch import causal_lm
+    from mame.patch.base import unpatch
+
+    if chat:
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+    else:
+        encoded = tokenizer(text, return_tensors="pt")
+    ids = encoded["input_ids"]
+    length = ids.shape[1]
+    unpatch(model)
+    depth = model.config.num_hidden_layers
+
+    def prefill(merged: bool) -> tuple[object, float]:
+        if merged:
+            causal_lm.patch_causal_lm(model, tau, layers, causal=causal, **options)
+        try:
+            (cache, _), seconds = _timed(lambda: _prefill(model, ids))
+            return cache, seconds
+        finally:
+            unpatch(model)
+
+    ratios = []
+    for pair in range(pairs):
+        order = (False, True) if pair % 2 == 0 else (True, False)
+        seconds = {merged: prefill(merged)[1] for merged in order}
+        ratios.append(seconds[True] / seconds[False])
+    cache, _ = prefill(False)
+    kv_unmerged = [int(cache.get_seq_length(i)) for i in range(depth)]
+    unmerged = _generate(model, ids, max_new_tokens)
+    causal_lm.patch_causal_lm(model, tau, layers, causal=causal, **options)
+    try:
+        with torch.no_grad():
+            cache = output_cache(model(ids, use_cache=True, logits_to_keep=1))
+        counts = model.mame.last_token_counts
+        kv_merged = [int(cache.get_seq_length(i)) for i in range(depth)]
+        merged = _generate(model, ids, max_new_tokens)
+    finally:
+        unpatch(model)
+    same = [a == b for a, b in zip(unmerged.tolist(), merged.tolist())]
+    settings = dict(tau=tau, layers=layers, causal=causal, **options)
+    return PromptComparison(length, kv_unmerged, kv_merged, counts, statistics.median(ratios),
+                            tokenizer.decode(unmerged, skip_special_tokens=True),
+                            tokenizer.decode(merged, skip_special_tokens=True),
+                            sum(same) / max(1, len(same)), settings)
+
+
+def _generate(model: nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+    return out[0, ids.shape[1]:]

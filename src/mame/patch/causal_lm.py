@@ -42,7 +42,8 @@ from torch import nn
 
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout, MergeRuntime, block_forward
-from mame.causal import CausalMerge, SequenceState, cache_record, real_first, right_align, rotary_embedding
+from mame.causal import (CausalMerge, SequenceState, cache_argument, cache_record, output_cache, real_first,
+                         right_align, rotary_embedding)
 from mame.patch.base import Picklable, set_attributes, swap_class, unpatch
 from mame.patch.options import mame_mergers, resolve_layers, resolve_taus
 
@@ -205,7 +206,8 @@ class CausalLayer(Picklable):
             value = arguments.get(name)
             if value is not None and value is not False:
                 raise ValueError(f"a mame-patched {parent.__name__} cannot return or use {what}")
-        state.sequence.bind(arguments.get("past_key_values"), arguments.get("position_embeddings"))
+        cache = arguments.get("cache", arguments.get("past_key_values"))  # renamed in transformers 5.24
+        state.sequence.bind(cache, arguments.get("position_embeddings"))
         merger = self._mame_merger if state.sequence.prefill else None
         return block_forward(self, hidden_states, self._mame_layout, runtime, merger, self._mame_proportional)
 
@@ -226,8 +228,12 @@ class CausalLMForward(Picklable):
     """Mixin for a patched causal LM: each forward gets its own state with every token's position and realness
     (see the module docstring); arguments after ``input_ids`` are keyword-only."""
 
-    def forward(self, input_ids=None, *, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, *, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``: either is taken.
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("give the KV cache once, as cache or as past_key_values")
+        past_key_values = cache if cache is not None else past_key_values
         if labels is not None:
             raise ValueError("a mame-patched causal LM takes no labels: merged outputs do not line up with them; "
                              "compute the loss from the logits (lm.mame.last_anchors says which token each holds)")
@@ -283,13 +289,20 @@ class CausalLMForward(Picklable):
             if record is not None:
                 sequence.record = record
             state.sequence = sequence
+            kwargs[cache_argument(self)] = past_key_values
             output = super().forward(input_ids=input_ids, attention_mask=None, position_ids=positions,
-                                     past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                     use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                     inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                     **kwargs)
+            returned = output_cache(output)
+            if returned is not None and sequence.cache is not returned:
+                raise RuntimeError("the patched layers were not handed the model's KV cache (has transformers renamed "
+                                   "the layers' cache argument?); their keys would be missing from it")
             last = torch.where(real, positions, -1).amax(dim=1) + 1
             previous = sequence.record.next_position
             sequence.record.next_position = last if previous is None or prefill else torch.maximum(previous, last)
             return output
+
+    forward._mame_takes_both = True  # `mame.causal.cache_argument` looks past it to the parent's forward
 
 
 # ------------------------------------------------------------------------------------------------------ patching

@@ -1,0 +1,100 @@
+"""Causal MaMe on the real SmolLM2-135M-Instruct: KV budgets of 75 / 50 / 25 % against StreamingLLM and KnormPress.
+
+For each real English text shipped by installed packages (Debian's license texts in /usr/share/common-licenses, from
+base-files, and Vim's user manual in /usr/share/vim, from vim-runtime, where present) and each prompt length, the
+first ``length`` tokens are the prompt and the next 128 the continuation. Every method compresses the prompt's KV
+cache to the budget (`mame.lm.evaluate_prompt`): causal MaMe on hidden states during prefill (``mame``, τ fitted per
+prompt by bisection), causal MaMe as a press on the cache after prefill (``mame-kv``, per-layer quantile rule),
+StreamingLLM (4 sinks + recent window) and KnormPress. Measured: perplexity of the continuation, greedy agreement with
+the uncompressed model over 32 tokens, prefill and decode time ratios (single runs, paired with an uncompressed
+prefill right before; the load average is recorded with them: on a busy machine they are noise).
+
+    python benchmarks/bench_lm.py                       # all lengths and budgets -> benchmarks/results/lm.{jsonl,md}
+    python benchmarks/bench_lm.py --lengths 512 --texts 1 --out /tmp/lm   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mame import lm
+
+CONTINUATION = 128
+LICENSES = Path("/usr/share/common-licenses")
+VIM_DOCS = Path("/usr/share/vim")
+
+
+def texts(count: int) -> list[tuple[str, str]]:
+    """Up to ``count`` (name, text) pairs of long real English prose found on this machine."""
+    found = []
+    for name in ("GPL-3", "GFDL-1.3", "LGPL-2.1", "MPL-2.0"):
+        path = LICENSES / name
+        if path.is_file():
+            found.append((f"common-licenses/{name}", path.read_text()))
+    manuals = sorted(VIM_DOCS.glob("vim*/doc/usr_0[1-9].txt")) if VIM_DOCS.is_dir() else []
+    if manuals:  # Vim's user manual, chapters 1-9, as one text
+        found.insert(1, ("vim user manual usr_01-09", "\n".join(path.read_text(errors="replace") for path in manuals)))
+    if not found:
+        raise SystemExit("no long English text found (looked in /usr/share/common-licenses and /usr/share/vim)")
+    return found[:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--texts", type=int, default=2, help="how many texts (each gives one prompt per length)")
+    parser.add_argument("--methods", nargs="+", default=list(lm.METHODS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer, model = lm.load_lm()
+    results, rows = [], []
+    meta = {"model": lm.LM_DEFAULT, "dtype": "float32", "threads": args.threads, "batch": 1,
+            "continuation": CONTINUATION, "greedy_tokens": 32, "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    jobs = [(name, text, length) for name, text in texts(args.texts) for length in args.lengths]
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("prompts", total=len(jobs))
+        for name, text, length in jobs:
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            if ids.shape[1] < length + CONTINUATION:
+                progress.console.print(f"[yellow]{name} has {ids.shape[1]} tokens: no {length}-token prompt[/]")
+                progress.advance(task)
+                continue
+            prompt, continuation = ids[:, :length], ids[:, length : length + CONTINUATION]
+            load = os.getloadavg()[0]
+            found = lm.evaluate_prompt(model, prompt, continuation, args.budgets, args.methods,
+                                       progress=lambda what: progress.update(task, description=f"{name}: {what}"))
+            for result in found:
+                result.source = name
+                rows.append({**result.to_json(), "load_1min": load, **meta})
+            results.extend(found)
+            progress.advance(task)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = args.out.with_suffix(".jsonl")
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = lm.markdown_table(results)
+    loads = [row["load_1min"] for row in rows]
+    header = (f"SmolLM2-135M-Instruct (float32, batch 1, {args.threads} thread(s)), prompts of "
+              f"{', '.join(map(str, args.lengths))} tokens from: {', '.join(sorted({r.source for r in results}))}; "
+              f"continuation {CONTINUATION} tokens, greedy 32 tokens. Load average during the run "
+              f"{min(loads):.1f}-{max(loads):.1f}.\n\n")
+    args.out.with_suffix(".md").write_text(header + table + "\n")
+    print(header + table)
+    print(f"wrote {jsonl} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
