@@ -9,6 +9,9 @@
 from mame import patch
 from mame.core import FusionPlan, fusion_weights, merge, partition_indices
 from mame.patch import unpatch
+from mame import _timm_registry
+
+_timm_registry.install()  # Iwin and MaMe-downsampling models in timm's registry, once timm is imported
 
 __version__ = "0.1.0"
 __all__ = ["FusionPlan", "fusion_weights", "merge", "partition_indices", "patch", "unpatch", "__version__"]

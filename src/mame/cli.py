@@ -519,5 +519,10 @@ def lm_command(
     _write_json(json_out, asdict(result))
 
 
+from mame.train_cli import train_command  # noqa: E402  (its own module: many options)
+
+app.command("train")(train_command)
+
+
 if __name__ == "__main__":
     app()
