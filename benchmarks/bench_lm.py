@@ -6,8 +6,9 @@ first ``length`` tokens are the prompt and the next 128 the continuation. Every 
 cache to the budget (`mame.lm.evaluate_prompt`): causal MaMe on hidden states during prefill (``mame``, τ fitted per
 prompt by bisection), causal MaMe as a press on the cache after prefill (``mame-kv``, per-layer quantile rule),
 StreamingLLM (4 sinks + recent window) and KnormPress. Measured: perplexity of the continuation, greedy agreement with
-the uncompressed model over 32 tokens, prefill and decode time ratios (single runs, paired with an uncompressed
-prefill right before; the load average is recorded with them: on a busy machine they are noise).
+the uncompressed model over 32 tokens, prefill and decode time ratios (single runs against one uncompressed prefill,
+or paired with one right before each with --paired-timing; the load average is recorded with them: on a busy machine
+they are noise).
 
     python benchmarks/bench_lm.py                       # all lengths and budgets -> benchmarks/results/lm.{jsonl,md}
     python benchmarks/bench_lm.py --lengths 512 --texts 1 --out /tmp/lm   # a quick look
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(lm.METHODS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm")
+    parser.add_argument("--paired-timing", action="store_true",
+                        help="time an uncompressed prefill right before each method's (one more prefill each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer, model = lm.load_lm()
@@ -62,6 +65,8 @@ def main() -> None:
     meta = {"model": lm.LM_DEFAULT, "dtype": "float32", "threads": args.threads, "batch": 1,
             "continuation": CONTINUATION, "greedy_tokens": 32, "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = args.out.with_suffix(".jsonl")
     jobs = [(name, text, length) for name, text in texts(args.texts) for length in args.lengths]
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
@@ -76,15 +81,15 @@ def main() -> None:
             prompt, continuation = ids[:, :length], ids[:, length : length + CONTINUATION]
             load = os.getloadavg()[0]
             found = lm.evaluate_prompt(model, prompt, continuation, args.budgets, args.methods,
-                                       progress=lambda what: progress.update(task, description=f"{name}: {what}"))
+                                       progress=lambda what: progress.update(task, description=f"{name}: {what}"),
+                                       paired_timing=args.paired_timing)
             for result in found:
                 result.source = name
                 rows.append({**result.to_json(), "load_1min": load, **meta})
             results.extend(found)
+            jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))  # partial results survive
+            progress.console.print(f"{name}, {length} tokens: done ({time.strftime('%H:%M')}, load {load:.1f})")
             progress.advance(task)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = args.out.with_suffix(".jsonl")
-    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
     table = lm.markdown_table(results)
     loads = [row["load_1min"] for row in rows]
     header = (f"SmolLM2-135M-Instruct (float32, batch 1, {args.threads} thread(s)), prompts of "

@@ -482,10 +482,12 @@ METHODS = ("mame", "mame-kv", "streaming-llm", "knorm")
 def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.Tensor, budgets: Sequence[float],
                     methods: Sequence[str] = METHODS, greedy_tokens: int = 32, hidden_first_layer: int = 0,
                     hidden_options: dict | None = None, press_options: dict | None = None,
-                    progress: Callable[[str], None] | None = None) -> list[LMResult]:
+                    progress: Callable[[str], None] | None = None, paired_timing: bool = True) -> list[LMResult]:
     """Every method at every KV budget on one prompt (1, n) with its real continuation (1, T), against the
-    uncompressed model: continuation NLL, greedy agreement, prefill and decode time ratios (`LMResult`). The model
-    is patched and unpatched in place for the hidden-state form and left unpatched."""
+    uncompressed model: continuation NLL, greedy agreement, prefill and decode time ratios (`LMResult`). With
+    ``paired_timing`` each method's prefill is timed right after an uncompressed one (else against the first
+    uncompressed prefill only, which saves a prefill per method and budget). The model is patched and unpatched in
+    place for the hidden-state form and left unpatched."""
     from mame.baselines.kv import KnormPress, StreamingLLMPress
     from mame.patch import causal_lm
     from mame.patch.base import unpatch
@@ -510,7 +512,9 @@ def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.
             if progress is not None:
                 progress(f"{method} at {budget:.0%} KV, {length} tokens")
             tau, layers = None, []
-            _, baseline_prefill = _timed(lambda: _prefill(model, prompt))  # paired with this method's prefill
+            baseline_prefill = full_prefill
+            if paired_timing:
+                _, baseline_prefill = _timed(lambda: _prefill(model, prompt))  # paired with this method's prefill
             if method == "mame":
                 layers = hidden_merge_layers(length, budget, depth, hidden_first_layer)
                 tau, _ = fit_hidden_tau(model, prompt, budget, layers, **hidden_options)
