@@ -461,3 +461,19 @@ def test_mame_lm_command_compares_a_prompt_file(tmp_path, one_thread):
     assert data["kv_unmerged"][0] == data["prompt_tokens"] and data["kv_merged"][-1] < data["prompt_tokens"]
     bad = CliRunner().invoke(app, ["lm", str(prompt), "--layers", "4,x"])
     assert bad.exit_code == 2 and "--layers" in bad.output
+
+
+def test_a_patched_lm_deep_copies_and_pickles(tmp_path):
+    patched = _merged(_llama())
+    ids = _prompts(length=30)
+    with torch.no_grad():
+        expected = patched(ids).logits
+    twin = copy.deepcopy(patched)
+    path = tmp_path / "lm.pt"
+    torch.save(patched, path)
+    loaded = torch.load(path, weights_only=False)
+    for other in (twin, loaded):
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids).logits, expected, atol=0, rtol=0)
+        counts = other.mame.last_token_counts
+        assert other.mame.last_kv_lengths == [[30]] + [[n] for n in counts[:-1]] and counts[-1] < 30

@@ -259,6 +259,10 @@ class CausalTokens:
                                                                     device=q.device)
         keys, values, key_positions, key_valid, key_sizes = self.sequence.store(layer, k, v, self.positions, valid,
                                                                                 self.sizes)
+        if self.mask is None and not self.proportional and keys.shape[1] == k.shape[1]:
+            # A prompt without padding or earlier keys: its tokens are in position order, so "key position <= query
+            # position" is the lower triangle, and fused causal attention needs no mask.
+            return causal_attend(q, keys, values, scale, dropout_p)
         # A key is visible to a query at or after its position; padding queries see every real key (their rows are
         # discarded, but must stay finite).
         visible = key_valid[:, None, :] & (key_positions[:, None, :] <= self.positions[:, :, None])
@@ -268,6 +272,17 @@ class CausalTokens:
         if self.proportional:
             bias = bias + key_sizes.clamp_min(1e-30).log().to(q.dtype)[:, None, :]  # ToMe's proportional attention
         return grouped_attend(q, keys, values, bias, scale, dropout_p)
+
+
+def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  dropout_p: float = 0.0) -> torch.Tensor:
+    """Lower-triangular (causal) attention of (B, L, heads, d) queries on (B, L, kv_heads, d) keys and values
+    (grouped-query heads read in place); returns (B, L, heads * d)."""
+    batch, length, heads, dim = q.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, is_causal=True, scale=scale,
+        enable_gqa=k.shape[2] != heads)
+    return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
 def grouped_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
