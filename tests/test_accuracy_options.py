@@ -121,3 +121,26 @@ def test_kept_tokens_is_what_the_merge_keeps(metric, prune):
                               metric=None if metric == "x" else keys.mean(2))[1].lengths
         assert torch.equal(merger.kept_tokens(x, state, keys, tau), expected)
         assert state.sizes is None and state.plans == []  # nothing recorded
+
+
+def test_cli_calibrate_saves_thresholds_that_load(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from mame import cli
+    from mame.calibrate import load_thresholds
+
+    def small_vit(name: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3).eval()
+
+    monkeypatch.setattr(cli, "_load_model", small_vit)
+    path = tmp_path / "thresholds.json"
+    result = CliRunner().invoke(cli.app, ["calibrate", "tiny", "--target-flops", "1.3", "--images", "3",
+                                          "--metric", "keys_mean", "--save", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "held-out (17 photos)" in result.output and "load_thresholds" in result.output
+    net = load_thresholds(small_vit("tiny"), path)
+    assert net.mame.settings["layers"] == (0, 1, 2) and net.mame.settings["metric"] == "keys_mean"
+    assert net.mame.calibration["target"] == 1.3 and abs(net.mame.calibration["achieved"] - 1.3) < 0.02
+    bad = CliRunner().invoke(cli.app, ["calibrate", "tiny", "--target-flops", "1.3", "--schedule", "cosine"])
+    assert bad.exit_code == 2 and "schedule" in bad.output
