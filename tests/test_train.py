@@ -70,6 +70,43 @@ def test_two_to_one_rule_halves_the_tokens() -> None:
     assert unhalved.mame.last_token_counts == [50, 50, 50]  # eq 10 keeps preserved sources
 
 
+def test_build_model_applies_the_merge_options(tmp_path: Path) -> None:
+    from mame.train import build_model
+
+    x = torch.randn(2, 1, 28, 28)
+    for halve, counts in ((True, [50, 25, 25]), (False, [50, 50, 50])):
+        model = build_model(tiny(tmp_path, tau=1.0, halve=halve), 10).eval()  # tau = 1: nothing fuses
+        model(x)
+        assert model.mame.last_token_counts == counts
+        assert model.mame.settings["tau"] == (1.0,) and model.mame.settings["layers"] == (1,)
+
+
+def test_augmentation_is_a_function_of_sample_and_epoch() -> None:
+    from mame.train import Dist, TensorImages, _epoch_generator
+
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    data = TensorImages(images, torch.arange(32) % 10, mean=[0.0], std=[1.0], num_classes=10, shift=0)
+
+    def batches(epoch: int, dist: Dist = Dist()) -> list[torch.Tensor]:
+        return [x for x, _ in data.train_batches(epoch, 16, seed=3, dist=dist, augment=True)]
+
+    first = batches(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, batches(0)))  # same epoch, same images
+    assert not all(torch.equal(a, b) for a, b in zip(first, batches(1)))  # another epoch, another draw
+    # shift = 0: each image is its original or its mirror image, and both occur.
+    order = torch.randperm(32, generator=_epoch_generator(3, 0, 0))
+    originals = images[order[:16]].float() / 255
+    same = [torch.equal(a, b) for a, b in zip(first[0], originals)]
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(first[0], originals)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and not all(mirrored)
+    # Two ranks' shares of a global batch are the one-process batch, split in two.
+    shifted = TensorImages(images, torch.arange(32) % 10, mean=[0.0], std=[1.0], num_classes=10, shift=2)
+    whole = [x for x, _ in shifted.train_batches(0, 16, 3, Dist(), True)]
+    halves = [[x for x, _ in shifted.train_batches(0, 16, 3, Dist(rank, 2, rank), True)] for rank in (0, 1)]
+    assert all(torch.equal(w, torch.cat([a, b])) for w, a, b in zip(whole, *halves))
+    assert not torch.equal(whole[0], batches(0)[0])  # shifts move the images
+
+
 def test_schedule() -> None:
     schedule = WarmupCosine(lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup=10, total=110)
     assert schedule(0) * 1e-3 == pytest.approx(1e-6)

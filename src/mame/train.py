@@ -279,11 +279,12 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 class TensorImages:
     """Images held in memory as uint8 (N, C, H, W) with labels, augmented on the fly: a random shift of up to
-    ``shift`` pixels (zero fill) and a horizontal flip per sample, drawn from (seed, epoch), so the same sample gets
-    the same augmentation whatever the number of processes or a resume in between."""
+    ``shift`` pixels (zero fill) and, with ``flip``, a horizontal flip with probability 1/2 per sample, drawn from
+    (seed, epoch), so the same sample gets the same augmentation whatever the number of processes or a resume in
+    between."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 num_classes: int, size: int | None = None, shift: int = 2) -> None:
+                 num_classes: int, size: int | None = None, shift: int = 2, flip: bool = True) -> None:
         if images.dim() == 3:
             images = images.unsqueeze(1)
         self.images, self.labels = images, labels.long()
@@ -292,6 +293,7 @@ class TensorImages:
         self.num_classes = num_classes
         self.size = size or images.shape[-1]
         self.shift = shift
+        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -318,15 +320,16 @@ class TensorImages:
         """This rank's share of every full global batch of epoch ``epoch`` (the last partial batch is dropped)."""
         local = _share(batch_size, dist)
         order = torch.randperm(len(self), generator=_epoch_generator(seed, epoch, 0))
-        if augment and self.shift > 0:
+        augment = augment and (self.shift > 0 or self.flip)
+        if augment:
             generator = _epoch_generator(seed, epoch, 1)
             shifts = torch.randint(0, 2 * self.shift + 1, (len(self), 2), generator=generator)
-            flips = torch.rand(len(self), generator=generator) < 0.5
+            flips = (torch.rand(len(self), generator=generator) < 0.5) & self.flip
         for step in range(len(self) // batch_size):
             start = step * batch_size + dist.rank * local
             index = order[start:start + local]
             images = self.images[index]
-            if augment and self.shift > 0:
+            if augment:
                 images = self._augment(images, shifts[index], flips[index])
             yield self._to_input(images), self.labels[index]
 
