@@ -209,6 +209,9 @@ def test_hierarchical_models_train(tmp_path: Path, model: str, options: dict) ->
     result = train(tiny(tmp_path, model=model, model_kwargs=small, mame_blocks=None, epochs=1, **options))
     assert result.model.num_features == 16
     assert result.history[0]["train_loss"] > 0
+    start = log_lines(tmp_path / "log.jsonl")[0]  # sizes logged beside those of the original downsampling
+    assert start["original"]["model"] == model.removesuffix("_mame")
+    assert start["original"]["params"] > 4 * start["params"] and start["original"]["flops"] > start["flops"]
 
 
 @needs_fashion_mnist

@@ -483,6 +483,25 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def _original_size(config: TrainConfig, num_classes: int, input_size: tuple[int, int, int]
+                   ) -> dict[str, Any] | None:
+    """Parameters and FLOPs of the same Swin / Iwin with its own downsampling, when ``config`` trains the MaMe
+    variant (printed and logged beside the trained model's); None otherwise."""
+    import timm
+
+    from mame.downsample import model_size
+
+    name = config.model
+    if name.endswith("_mame"):
+        name = name[: -len("_mame")]
+    elif config.downsample != "mame":
+        return None
+    kwargs = {key: value for key, value in model_arguments(config, num_classes).items()
+              if key not in ("mame_tau", "downsample")}
+    size = model_size(timm.create_model(name, pretrained=False, **kwargs), input_size, name)
+    return dict(model=name, params=size.params, flops=size.flops)
+
+
 def input_size_of(model: nn.Module, config: TrainConfig) -> tuple[int, int, int]:
     """(C, H, W) the model takes."""
     embed = getattr(model, "patch_embed", None)
@@ -732,10 +751,15 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         from mame.downsample import model_size
 
         flops = model_size(model, input_size).flops if dist.main else None
+        original = _original_size(config, num_classes, input_size) if dist.main else None
         log.write(dict(event="start", config=config.to_json(), world_size=dist.world, device=str(device),
                        amp=str(amp).replace("torch.", "") if amp else "off", params=params, flops=flops,
-                       input_size=list(input_size), train_images=len(train_set), eval_images=len(eval_set),
-                       steps_per_epoch=steps_per_epoch))
+                       original=original, input_size=list(input_size), train_images=len(train_set),
+                       eval_images=len(eval_set), steps_per_epoch=steps_per_epoch))
+        if original is not None and config.progress:
+            console.print(f"MaMe downsampling: {params / 1e6:.2f} M parameters and {flops / 1e9:.3f} GFLOPs per "
+                          f"image, against {original['params'] / 1e6:.2f} M and {original['flops'] / 1e9:.3f} "
+                          f"GFLOPs for {original['model']} with its own downsampling")
     else:
         log.write(dict(event="resume", epoch=start_epoch, step=step, world_size=dist.world))
     if dist.main and config.progress:
