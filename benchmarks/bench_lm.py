@@ -58,9 +58,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm")
     parser.add_argument("--paired-timing", action="store_true",
                         help="time an uncompressed prefill right before each method's (one more prefill each)")
+    parser.add_argument("--timing-pairs", type=int, default=0,
+                        help="instead of quality: time prefill and decoding of every method at each budget on one "
+                             "prompt per length in this many interleaved pairs (written to <out>_timing.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer, model = lm.load_lm()
+    if args.timing_pairs:
+        timing(args, tokenizer, model)
+        return
     results, rows = [], []
     meta = {"model": lm.LM_DEFAULT, "dtype": "float32", "threads": args.threads, "batch": 1,
             "continuation": CONTINUATION, "greedy_tokens": 32, "machine": platform.processor() or platform.machine(),
@@ -99,6 +105,33 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(header + table + "\n")
     print(header + table)
     print(f"wrote {jsonl} and {args.out.with_suffix('.md')}")
+
+
+def timing(args: argparse.Namespace, tokenizer, model) -> None:
+    """Prefill and decode time ratios (median and range of interleaved pairs) per method, budget and length."""
+    name, text = texts(1)[0]
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    lines = ["| prompt tokens | KV budget | method | prefill time ratio | decode time ratio (32 tokens) |",
+             "|---|---|---|---|---|"]
+    loads = []
+    for length in args.lengths:
+        for budget in args.budgets:
+            loads.append(os.getloadavg()[0])
+            found = lm.time_prompt(model, ids[:, :length], budget, args.methods, pairs=args.timing_pairs)
+            for method, ratios in found.items():
+                prefill, decode = ratios["prefill"], ratios["decode"]
+                lines.append(f"| {length} | {budget:.0%} | {method} | {prefill['median']:.2f} "
+                             f"({prefill['min']:.2f}-{prefill['max']:.2f}) | {decode['median']:.2f} "
+                             f"({decode['min']:.2f}-{decode['max']:.2f}) |")
+            print(lines[-len(found):], flush=True)
+    loads.append(os.getloadavg()[0])
+    header = (f"Time ratios on {name}, SmolLM2-135M-Instruct float32, batch 1, {args.threads} thread(s), median "
+              f"(min-max) of {args.timing_pairs} interleaved pairs after a warm-up pair; load average "
+              f"{min(loads):.1f}-{max(loads):.1f}.\n\n")
+    out = args.out.with_name(args.out.name + "_timing.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + "\n".join(lines) + "\n")
+    print(header + "\n".join(lines))
 
 
 if __name__ == "__main__":

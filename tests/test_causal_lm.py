@@ -477,3 +477,12 @@ def test_a_patched_lm_deep_copies_and_pickles(tmp_path):
             torch.testing.assert_close(other(ids).logits, expected, atol=0, rtol=0)
         counts = other.mame.last_token_counts
         assert other.mame.last_kv_lengths == [[30]] + [[n] for n in counts[:-1]] and counts[-1] < 30
+
+
+def test_time_prompt_reports_paired_ratios_for_every_method():
+    model = _llama()
+    found = lm.time_prompt(model, _prompts(length=64), 0.75, pairs=1, decode_tokens=3)
+    assert set(found) == set(lm.METHODS)
+    for ratios in found.values():
+        assert ratios["prefill"]["median"] > 0 and ratios["decode"]["min"] <= ratios["decode"]["max"]
+    assert not hasattr(model, "mame")

@@ -22,6 +22,7 @@ Baselines at the same budget, on the same harness: StreamingLLM and KnormPress (
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -646,3 +647,66 @@ def _generate(model: nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
     return out[0, ids.shape[1]:]
+
+
+def time_prompt(model: nn.Module, prompt: torch.Tensor, budget: float, methods: Sequence[str] = METHODS,
+                pairs: int = 5, decode_tokens: int = 32, hidden_first_layer: int = 0,
+                hidden_options: dict | None = None, press_options: dict | None = None) -> dict[str, dict]:
+    """Prefill and decode time ratios of every method at one KV budget against the uncompressed model, measured in
+    ``pairs`` interleaved pairs whose order alternates (after one warm-up pair): median and min-max of the ratios.
+    The hidden-state form's τ is fitted first (not timed). Returns ``{method: {"prefill": ..., "decode": ...}}``."""
+    import statistics
+
+    from mame.baselines.kv import KnormPress, StreamingLLMPress
+    from mame.patch import causal_lm
+    from mame.patch.base import unpatch
+
+    hidden_options = {"proportional_attention": False, **(hidden_options or {})}
+    unpatch(model)
+    length = prompt.shape[1]
+    rotary = rotary_of(model)
+    depth = model.config.num_hidden_layers
+    presses = {"mame-kv": MamePress(**(press_options or {})), "streaming-llm": StreamingLLMPress(),
+               "knorm": KnormPress()}
+    results = {}
+    for method in methods:
+        patch = None
+        if method == "mame":
+            layers = hidden_merge_layers(length, budget, depth, hidden_first_layer)
+            tau, _ = fit_hidden_tau(model, prompt, budget, layers, **hidden_options)
+            patch = functools.partial(causal_lm.patch_causal_lm, model, tau, layers, **hidden_options)
+
+        def prefill(compressed: bool) -> tuple[object, torch.Tensor]:
+            if not compressed:
+                return _prefill(model, prompt)
+            if patch is not None:
+                patch()
+                try:
+                    return _prefill(model, prompt)
+                finally:
+                    unpatch(model)
+            cache, logits = _prefill(model, prompt)
+            press_cache(cache, presses[method], budget, rotary)
+            return cache, logits
+
+        def decode(compressed: bool, cache: object, logits: torch.Tensor) -> float:
+            if compressed and patch is not None:
+                patch()
+            try:
+                return _greedy(model, cache, logits, length, decode_tokens)[1]
+            finally:
+                unpatch(model)
+
+        ratios = {"prefill": [], "decode": []}
+        for pair in range(pairs + 1):  # the first pair warms up
+            order = (False, True) if pair % 2 == 0 else (True, False)
+            seconds = {}
+            for compressed in order:
+                (cache, logits), prefill_seconds = _timed(lambda: prefill(compressed))
+                seconds[compressed] = (prefill_seconds, decode(compressed, cache, logits))
+            if pair:
+                ratios["prefill"].append(seconds[True][0] / seconds[False][0])
+                ratios["decode"].append(seconds[True][1] / seconds[False][1])
+        results[method] = {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+                           for name, values in ratios.items()}
+    return results
