@@ -117,6 +117,9 @@ def test_tau_one_equals_unpatched_on_a_left_padded_batch(lm_model):
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
     assert torch.equal(_greedy(patched, ids, mask), reference)
+    beams = dict(attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():  # beam search reorders the cache rows; beams of a prompt share its merged record
+        assert torch.equal(patched.generate(ids, **beams), model.generate(ids, **beams))
 
 
 def test_unpatch_restores_the_model(lm_model):
