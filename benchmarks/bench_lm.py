@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--texts", type=int, default=2, help="how many texts (each gives one prompt per length)")
     parser.add_argument("--methods", nargs="+", default=list(lm.METHODS))
+    parser.add_argument("--only", nargs="+", help="only the texts whose names contain one of these")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm")
     parser.add_argument("--paired-timing", action="store_true",
@@ -73,7 +74,8 @@ def main() -> None:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = args.out.with_suffix(".jsonl")
-    jobs = [(name, text, length) for name, text in texts(args.texts) for length in args.lengths]
+    chosen = [(name, text) for name, text in texts(args.texts) if not args.only or any(o in name for o in args.only)]
+    jobs = [(name, text, length) for name, text in chosen for length in args.lengths]
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns) as progress:

@@ -489,3 +489,15 @@ def test_time_prompt_reports_paired_ratios_for_every_method():
     for ratios in found.values():
         assert ratios["prefill"]["median"] > 0 and ratios["decode"]["min"] <= ratios["decode"]["max"]
     assert not hasattr(model, "mame")
+
+
+def test_mame_press_hits_the_budget_exactly_with_repeated_tokens():
+    """Repeated tokens have identical keys (ties at similarity 1): the press still keeps exactly `keep` per layer,
+    which a transformers model needs to decode (one length for every layer)."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    keys[:, :, 10:30] = keys[:, :, 10:11]
+    for keep in (35, 30, 20, 13, 7):
+        kept_keys, kept_values, positions, sizes = lm.MamePress().compress(keys, values, torch.arange(40)[None], keep)
+        assert kept_keys.shape[2] == kept_values.shape[2] == positions.shape[1] == keep
+        assert float(sizes.sum()) == pytest.approx(40.0) and bool((positions[:, 1:] > positions[:, :-1]).all())

@@ -261,23 +261,33 @@ class MamePress:
         """One merge removing the tokens' share due this round (``rounds`` rounds left to reach ``keep``)."""
         count, special = tokens.shape[1], self.num_special
         metric = tokens[..., :width] if self.metric == "keys" else tokens
+        # Repeated tokens have identical keys (in the first layer): their tied similarities would let a threshold
+        # merge all or none of them, so ties are broken by a small fixed perturbation of the metric (1e-3 of its
+        # scale; the merged values themselves are untouched).
+        noise = torch.randn(metric.shape, generator=torch.Generator().manual_seed(count)).to(metric.device)
+        metric = metric + noise * (1e-3 * metric.abs().mean())
         dst, src = partition_indices(count, special, "alternating", device=tokens.device)
         nearest = torch.searchsorted(dst, src)  # the destination each source may join (strict causality)
         paired = nearest < dst.numel()
         a, b = metric[0, src[paired]], metric[0, dst[nearest[paired]]]
-        similarity = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+        similarity = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
         rounds = max(rounds, math.ceil(math.log2((count - special) / (keep - special))))
         target = special + (count - special) * ((keep - special) / (count - special)) ** (1.0 / rounds)
         remove = min(similarity.numel(), max(1, count - max(keep, round(target))))
-        ranked = similarity.sort(descending=True).values
-        # Between the remove-th and the next similarity: exactly `remove` pairs exceed it.
-        tau = float(ranked[remove - 1] + ranked[remove]) / 2 if remove < ranked.numel() else -1.0
-        tau = min(max(tau, -1.0), 1.0)
-        merged, plan = merge(tokens, tau, special, causal="strict", sizes=sizes, metric=metric,
-                             size_weighted=self.size_weighted, check=False)
-        if merged is tokens:  # nothing cleared the threshold (ties): merge every pair instead
-            merged, plan = merge(tokens, -1.0, special, causal="strict", sizes=sizes, metric=metric,
+        ranked = torch.cat([similarity.sort(descending=True).values, similarity.new_tensor([-1.0])])
+        # Between the remove-th and the next similarity: `remove` pairs exceed it. The operator computes its own
+        # similarities (float32), so a round that would overshoot `keep` is retried with fewer merges.
+        while True:
+            tau = min(max(float(ranked[remove - 1] + ranked[remove]) / 2, -1.0), 1.0)
+            merged, plan = merge(tokens, tau, special, causal="strict", sizes=sizes, metric=metric,
                                  size_weighted=self.size_weighted, check=False)
+            if merged.shape[1] >= keep or remove == 1:
+                break
+            remove -= max(1, keep - merged.shape[1])
+            remove = max(remove, 1)
+        if merged is tokens:
+            raise RuntimeError(f"MamePress cannot merge {count} tokens down to {keep}: no neighbour pair clears any "
+                               "threshold")
         order, anchor, _ = position_order(plan, None, merged.shape[1])
         merged = merged.gather(1, order.unsqueeze(-1).expand(-1, -1, merged.shape[-1]))
         return merged, positions.gather(1, anchor), plan.sizes.gather(1, order)
@@ -304,6 +314,9 @@ def press_cache(cache: object, press: KVPress, keep_ratio: float, rotary: Rotary
         record.next_position = torch.full((batch,), length, dtype=torch.long, device=keys.device)
         lengths.append(keys.shape[2])
     attach_record(cache, record)
+    if len(set(lengths)) > 1:
+        raise RuntimeError(f"{press.name} kept {min(lengths)}-{max(lengths)} keys in different layers; a transformers "
+                           "model decodes only from layers of one length")
     return lengths
 
 
