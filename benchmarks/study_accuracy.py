@@ -119,6 +119,10 @@ OPTIONS = {option.name: option for option in [
     _option("share-keys_mean-dec", "per-image budget: each image merges the same share of its tokens in each "
             "block (its own τ = a similarity quantile), decreasing schedule, keys_mean", schedule="decreasing",
             metric="keys_mean", prototype="share"),
+    _option("perblock-keys-geo", "per-block τ, all 12 blocks, geometric schedule, keys", schedule="geometric",
+            metric="keys"),
+    _option("perblock-keys-geo-noprune", "per-block τ, all 12 blocks, geometric schedule, keys, no pruning",
+            schedule="geometric", metric="keys", prune=False),
     _option("share-keys-dec", "per-image budget (as share-keys_mean-dec), keys of all heads", schedule="decreasing",
             metric="keys", prototype="share"),
     _option("perblock-keys-dec-noprune", "per-block τ, decreasing, keys, no pruning", schedule="decreasing",
@@ -126,10 +130,9 @@ OPTIONS = {option.name: option for option in [
     _option("perblock-keys-dec-size", "per-block τ, decreasing, keys, size-weighted fusion", schedule="decreasing",
             metric="keys", size_weighted=True),
     _option("protect-keys-dec", "per-block τ of perblock-keys-dec, the 10 % of tokens the class token attends to "
-            "most never merge", schedule="decreasing", metric="keys", prototype="protect", packed=False),
+            "most never merge", schedule="decreasing", metric="keys", prototype="protect"),
     _option("protect-keys_mean-dec", "per-block τ of perblock-keys_mean-dec, and the 10 % of tokens the class "
-            "token attends to most never merge", schedule="decreasing", metric="keys_mean", prototype="protect",
-            packed=False),
+            "token attends to most never merge", schedule="decreasing", metric="keys_mean", prototype="protect"),
 ]}
 
 
@@ -186,24 +189,24 @@ class ProtectClsAttention:
     """The block's own MaMe merge, except that the ``protect`` share of the real tokens the class token attends to
     most (mean over heads, proportional-attention bias included) neither merges nor absorbs: their features are
     replaced by directions of their own (one for destinations, one for sources), orthogonal to every other token's,
-    so their cosine with any other token is 0 and never passes a positive τ. The class token's query is read from
-    the block's qkv output (a forward hook; needs the padded layout, ``packed=False``)."""
+    so their cosine with any other token is 0 and never passes a positive τ. The class token's query is recomputed
+    from the block's input (a forward pre-hook; one (B, d) x (d, 3d) product per block, counted in the FLOPs)."""
 
     def __init__(self, merger: MameMerge, block: nn.Module, protect: float, proportional: bool) -> None:
         self.merger, self.protect, self.proportional, self.needs_keys = merger, protect, proportional, True
-        self.qkv: torch.Tensor | None = None
-        block.attn.qkv.register_forward_hook(self._store)
-        self.heads, self.scale = block.attn.num_heads, block.attn.scale
+        self.block = block
+        self.block_input: torch.Tensor | None = None
+        block.register_forward_pre_hook(self._store)
 
-    def _store(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        self.qkv = output
+    def _store(self, module: nn.Module, args: Any) -> None:
+        self.block_input = args[0]
 
     def __call__(self, x: torch.Tensor, state, keys: torch.Tensor | None) -> torch.Tensor:
         special, (batch, length, _) = state.num_special, x.shape
-        if self.qkv is None or self.qkv.shape[:2] != (batch, length):
-            raise ValueError("ProtectClsAttention needs the padded layout: patch with packed=False")
-        query = self.qkv[:, 0].unflatten(-1, (3, self.heads, -1))[:, 0]  # (B, heads, head_dim)
-        logits = torch.einsum("bhd,blhd->bhl", query, keys) * self.scale
+        attn = self.block.attn
+        cls_in = self.block.norm1(self.block_input[:, :1])
+        query = attn.qkv(cls_in).unflatten(-1, (3, attn.num_heads, attn.head_dim))[:, 0, 0]  # (B, heads, hd)
+        logits = torch.einsum("bhd,blhd->bhl", attn.q_norm(query), attn.k_norm(keys)) * attn.scale
         if self.proportional and state.sizes is not None:
             logits = logits + state.sizes.log().unsqueeze(1)
         elif state.mask is not None:
@@ -234,8 +237,8 @@ def install_prototype(model: nn.Module, kind: str, values: list[float]) -> None:
         if kind == "share":
             merger = SharePerImage(block._mame_merger, values[position])
         else:
-            merger = ProtectClsAttention(block._mame_merger, block, values[0], runtime.settings[
-                "proportional_attention"])
+            merger = ProtectClsAttention(block._mame_merger, block, values[0],
+                                         runtime.settings["proportional_attention"])
         object.__setattr__(block, "_mame_merger", merger)
 
 
@@ -278,6 +281,21 @@ def tome_schedule(setting: str, depth: int) -> int | list[int]:
         r0 = int(setting[3:])
         return [round(2 * r0 * (1 - i / (depth - 1))) for i in range(depth)]
     return int(setting.removeprefix("r"))
+
+
+def mame_run_key(option: Option, taus: list[float], layers: list[int]) -> str:
+    """What identifies a MaMe run's features in the cache."""
+    return json.dumps({"patch": option.patch, "tau": taus, "prototype": option.prototype, "layers": layers},
+                      sort_keys=True)
+
+
+def row_run_key(row: dict) -> str:
+    """`cached_features`' key of a recorded row (every option merges in its first len(taus) blocks)."""
+    if row["option"] == "unmodified":
+        return "unmodified"
+    if row["option"] == "tome":
+        return f"tome-{row['r']}"
+    return mame_run_key(OPTIONS[row["option"]], row["taus"], list(range(len(row["taus"]))))
 
 
 def cache_dir() -> Path:
@@ -335,9 +353,13 @@ class Data:
         return torch.cat([self.train, self.test])
 
 
+def cache_path(data_key: str, run_key: str) -> Path:
+    return cache_dir() / f"{data_key}-{hashlib.sha1(run_key.encode()).hexdigest()[:16]}.pt"
+
+
 def cached_features(model: nn.Module, images: Data, run_key: str, batch_size: int, description: str) -> dict:
     """Features of train + test images for a run, from the cache or extracted now."""
-    path = cache_dir() / f"{images.key}-{hashlib.sha1(run_key.encode()).hexdigest()[:16]}.pt"
+    path = cache_path(images.key, run_key)
     if path.exists():
         return torch.load(path)
     start = time.perf_counter()
@@ -346,6 +368,50 @@ def cached_features(model: nn.Module, images: Data, run_key: str, batch_size: in
               "seconds": time.perf_counter() - start}
     torch.save(result, path)
     return result
+
+
+def pooled_scores(features: torch.Tensor, labels: torch.Tensor, folds: int = 5) -> tuple[float, float]:
+    """k-NN and probe accuracy over all scored images (train and test together, N of them), each image predicted
+    once: k-NN leave-one-out (each image against the other N - 1), the probe by ``folds``-fold cross-validation
+    (contiguous folds of the seeded subsets). Twice the test predictions of the plain split, so half its variance;
+    the plain split stays the reference protocol (`mame.evaluate`)."""
+    n = len(features)
+    unit = F.normalize(features.float(), dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-math.inf)
+    top, index = similarity.topk(20, dim=1)
+    votes = torch.zeros(n, int(labels.max()) + 1).scatter_add_(1, labels[index], (top / evaluate.KNN_TEMPERATURE).exp())
+    knn = float((votes.argmax(1) == labels).float().mean())
+    correct = 0
+    bounds = [round(i * n / folds) for i in range(folds + 1)]
+    for start, stop in zip(bounds, bounds[1:]):
+        held = torch.zeros(n, dtype=torch.bool)
+        held[start:stop] = True
+        correct += evaluate.probe_accuracy(features[~held], labels[~held], features[held], labels[held]) * (
+            stop - start)
+    return knn, correct / n
+
+
+def rescore(args: argparse.Namespace) -> None:
+    """Add the pooled k-NN and probe accuracies (`pooled_scores`) to every recorded row whose features are cached."""
+    rows = recorded(args.out)
+    labels_of: dict[str, torch.Tensor] = {}
+    for row in rows:
+        if "knn_pooled" in row:
+            continue
+        path = cache_path(row["data_key"], row_run_key(row))
+        if not path.exists():
+            console.print(f"no cached features for {row['data_key']} {row['option']} {row['setting']}")
+            continue
+        if row["data_key"] not in labels_of:
+            name, n_train, n_test, n_calib, seed = row["data_key"].rsplit("-", 4)
+            images = Data.load(name, int(n_train), int(n_test), int(n_calib), int(seed))
+            labels_of[row["data_key"]] = torch.cat([images.train_labels, images.test_labels])
+        features = torch.load(path)["features"]
+        row["knn_pooled"], row["probe_pooled"] = pooled_scores(features, labels_of[row["data_key"]])
+        console.print(f"{row['data_key']} {row['option']} {row['setting']}: pooled kNN "
+                      f"{100 * row['knn_pooled']:.1f} probe {100 * row['probe_pooled']:.1f}")
+    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def scores(features: torch.Tensor, images: Data) -> tuple[float, float]:
@@ -429,8 +495,7 @@ def run(args: argparse.Namespace) -> None:
                 if option.prototype == "protect":
                     install_prototype(net, "protect", [PROTECTED_SHARE])
                     row |= {"protected_share": PROTECTED_SHARE}
-            run_key = json.dumps({"patch": option.patch, "tau": row["taus"], "prototype": option.prototype,
-                                  "layers": list(net.mame.settings["layers"])}, sort_keys=True)
+            run_key = mame_run_key(option, row["taus"], list(net.mame.settings["layers"]))
             feats = cached_features(net, images, run_key, args.batch, f"{args.dataset}: {name} {setting}")
         knn, probe = scores(feats["features"], images)
         fidelity = fidelity_of(feats["features"], base["features"])
@@ -480,7 +545,9 @@ def table(args: argparse.Namespace) -> None:
              "weighted k-NN (k=20) and probe = logistic regression, in % of the test images; FLOP ratio = unmodified "
              "FLOPs / variant FLOPs counted on all scored images (train + test, none of them used for fitting); "
              "calib. = the same on the calibration images the thresholds were fitted on; tokens = mean after the "
-             "last block; cos = mean cosine between each image's features and the unmodified model's, both centred "
+             "last block; pooled = the same classifiers over all scored images, each predicted once (k-NN "
+             "leave-one-out, probe by 5-fold cross-validation: twice the predictions, half the variance); cos = mean "
+             "cosine between each image's features and the unmodified model's, both centred "
              "on the unmodified mean (a low-noise measure of how much merging changed the features). In brackets: "
              "the difference to ToMe at the same FLOP ratio (linear interpolation on ToMe's measured front of "
              "constant-r and decreasing schedules; none outside its range), in points (cos: in cosine).", ""]
@@ -498,9 +565,9 @@ def table(args: argparse.Namespace) -> None:
                 lines += [f"Unmodified: kNN {100 * base['knn']:.1f} %, probe {100 * base['probe']:.1f} %.", ""]
             tome_rows = [r for r in subset if r["option"] == "tome"]
             fronts = {metric: envelope([(r["flop_ratio"], r[metric]) for r in tome_rows if metric in r])
-                      for metric in ("fidelity", "knn", "probe")}
-            lines += ["| option | setting | FLOP ratio (target) | calib. | tokens | cos | kNN | probe |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      for metric in ("fidelity", "knn", "probe", "knn_pooled", "probe_pooled")}
+            lines += ["| option | setting | FLOP ratio (target) | calib. | tokens | cos | kNN | probe | kNN pooled | "
+                      "probe pooled |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sorted(subset, key=lambda r: (r["option"] != "unmodified", r["option"] != "tome", r["option"],
                                                    r["flop_ratio"])):
                 ref = {metric: (interpolate(front, r["flop_ratio"]) if r["option"] not in ("tome", "unmodified")
@@ -512,7 +579,9 @@ def table(args: argparse.Namespace) -> None:
                     setting += f" (r {r['r'][0]}→{r['r'][-1]})"
                 cells = [r["option"], setting, f"{r['flop_ratio']:.2f}{target}", calib, f"{r['tokens']:.1f}",
                          _with_delta(r.get("fidelity"), ref["fidelity"], 1, 4),
-                         _with_delta(r["knn"], ref["knn"], 100, 1), _with_delta(r["probe"], ref["probe"], 100, 1)]
+                         _with_delta(r["knn"], ref["knn"], 100, 1), _with_delta(r["probe"], ref["probe"], 100, 1),
+                         _with_delta(r.get("knn_pooled"), ref["knn_pooled"], 100, 1),
+                         _with_delta(r.get("probe_pooled"), ref["probe_pooled"], 100, 1)]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     fitted = [r for r in rows if "target" in r and "calib_flop_ratio" in r]
@@ -552,6 +621,9 @@ def main() -> None:
     run_parser.add_argument("--batch", type=int, default=32)
     run_parser.add_argument("--threads", type=int, default=1)
     run_parser.add_argument("--out", type=Path, default=RESULTS)
+    rescore_parser = commands.add_parser("rescore", help="add pooled (leave-one-out / cross-validated) k-NN and "
+                                                         "probe accuracies to the recorded rows, from the cache")
+    rescore_parser.add_argument("--out", type=Path, default=RESULTS)
     table_parser = commands.add_parser("table", help="write the markdown table from the JSON lines")
     table_parser.add_argument("--out", type=Path, default=RESULTS)
     table_parser.add_argument("--table", type=Path, default=TABLE)
@@ -561,7 +633,7 @@ def main() -> None:
     unknown = [name for name in getattr(args, "options", []) if name not in OPTIONS]
     if unknown:
         parser.error(f"unknown options {unknown}; known: {list(OPTIONS)}")
-    run(args) if args.command == "run" else table(args)
+    {"run": run, "rescore": rescore, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def test_per_block_flop_target_is_met_and_counted_exactly(model, schedule):
 def test_per_block_token_target_and_apply(model):
     net = copy.deepcopy(model)
     images = blocky_images(4, seed=2)
-    result = calibrate(net, images, target_tokens=0.6, block=2, progress=False)
+    result = calibrate(net, images, target_tokens=0.6, block=2, schedule="linear", progress=False)
     # Linear schedule over 4 blocks: 0.6 of the 65 tokens after block 2 of 4 is 39 = 1 + 64 (1 - (1 - f) / 2), so
     # f = 0.1875: each block merges 13 of the 64 mergeable tokens, except that block 4 may not halve the 25 that
     # reach it below 12.5.
