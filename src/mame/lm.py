@@ -277,14 +277,16 @@ class MamePress:
         ranked = torch.cat([similarity.sort(descending=True).values, similarity.new_tensor([-1.0])])
         # Between the remove-th and the next similarity: `remove` pairs exceed it. The operator computes its own
         # similarities (float32), so a round that would overshoot `keep` is retried with fewer merges.
-        while True:
+        for _ in range(32):
             tau = min(max(float(ranked[remove - 1] + ranked[remove]) / 2, -1.0), 1.0)
             merged, plan = merge(tokens, tau, special, causal="strict", sizes=sizes, metric=metric,
                                  size_weighted=self.size_weighted, check=False)
-            if merged.shape[1] >= keep or remove == 1:
+            if merged.shape[1] < keep and remove > 1:  # overshot: fewer merges
+                remove = max(1, remove - (keep - merged.shape[1]))
+            elif merged is tokens and remove < similarity.numel():  # rounding kept every pair apart: one more
+                remove += 1
+            else:
                 break
-            remove -= max(1, keep - merged.shape[1])
-            remove = max(remove, 1)
         if merged is tokens:
             raise RuntimeError(f"MamePress cannot merge {count} tokens down to {keep}: no neighbour pair clears any "
                                "threshold")
