@@ -14,8 +14,9 @@ baseline from interleaved pairs (`mame.bench.paired_speedup`, eval mode, fp32, b
 batch 64 fp32 on an A100). The load average is recorded with the timings: they mean little above ~0.5 per thread.
 
     nice -n 19 python benchmarks/bench_train.py --phase train     # the six training runs (checkpoints kept)
-    python benchmarks/bench_train.py --phase measure              # on a quiet machine: accuracy, sizes, speed
-    python benchmarks/bench_train.py                              # both
+    nice -n 19 python benchmarks/bench_train.py --phase measure --no-speed   # accuracy, sizes (any time)
+    python benchmarks/bench_train.py --phase speed                # on a quiet machine: the speed ratios only
+    python benchmarks/bench_train.py                              # all of it
 
 Results: one JSON line per pair in ``benchmarks/results/train.jsonl`` (``--out``), runs under ``runs/bench_train``.
 The schedule is cut to fit a shared 2-core CPU (``--train-samples`` images, ``--epochs`` passes); the paper trains
@@ -40,6 +41,8 @@ from mame.train import TrainConfig, build_model, fashion_mnist_data, load_checkp
 
 console = Console(width=None if Console().is_terminal else 150)
 
+SPEED_KEYS = ("speedup", "speedup_min", "speedup_max", "speed_pairs", "speed_batch", "base_s", "mame_s",
+              "load_average_1min", "load_after", "threads", "speed_date")
 SMALL_HIERARCHY = dict(embed_dim=64, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16], window_size=7)
 # The paper's Table 2 (ImageNet-1k, A100, batch 64, fp32): (params M, GFLOPs, img/s, top-1) without / with MaMe.
 PAPER = {
@@ -108,6 +111,26 @@ def _train_seconds(config: TrainConfig) -> float:
     return sum(line["seconds"] for line in lines if line.get("event") == "epoch")
 
 
+def speed(models: tuple, x: torch.Tensor, args: argparse.Namespace) -> dict:
+    """The paired inference speed ratio of models[1] over models[0] on ``x``, with the load around it."""
+    load = bench.report_load(console, torch.get_num_threads())
+    with torch.inference_mode():
+        result = bench.paired_speedup(lambda: models[0](x), lambda: models[1](x), pairs=args.pairs, warmup=2,
+                                      min_time=args.min_time)
+    return dict(speedup=result.ratio, speedup_min=result.ratio_low, speedup_max=result.ratio_high,
+                speed_pairs=result.pairs, speed_batch=int(x.shape[0]), base_s=result.baseline_s,
+                mame_s=result.method_s, load_average_1min=load, load_after=bench.load_average(),
+                threads=torch.get_num_threads(), speed_date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def speed_batch(args: argparse.Namespace, test: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from mame.train import Dist, TensorImages
+
+    batch = TensorImages(test[:args.speed_batch], labels[:args.speed_batch], mean=args.stats[0], std=args.stats[1],
+                         num_classes=10, shift=0)
+    return next(batch.eval_batches(args.speed_batch, Dist()))[0]
+
+
 def measure(pair: Pair, args: argparse.Namespace, test: torch.Tensor, labels: torch.Tensor) -> dict:
     from mame.train import Dist, TensorImages, evaluate
 
@@ -117,14 +140,8 @@ def measure(pair: Pair, args: argparse.Namespace, test: torch.Tensor, labels: to
     for model in models:
         data = TensorImages(test, labels, mean=args.stats[0], std=args.stats[1], num_classes=10, shift=0)
         accuracy.append(evaluate(model, data, 256, torch.device("cpu"), None, Dist())[0])
-    batch = TensorImages(test[:args.speed_batch], labels[:args.speed_batch], mean=args.stats[0], std=args.stats[1],
-                         num_classes=10, shift=0)
-    x = next(batch.eval_batches(args.speed_batch, Dist()))[0]
-    load = bench.report_load(console, torch.get_num_threads())
-    with torch.inference_mode():
-        speed = bench.paired_speedup(lambda: models[0](x), lambda: models[1](x), pairs=args.pairs, warmup=2,
-                                     min_time=args.min_time)
-    load_after = bench.load_average()
+    x = speed_batch(args, test, labels)
+    timing = speed(models, x, args) if args.speed else dict(speedup=None)
     tokens = None
     if pair.key == "vit":
         with torch.inference_mode():
@@ -140,8 +157,7 @@ def measure(pair: Pair, args: argparse.Namespace, test: torch.Tensor, labels: to
                                 downsample=pair.mame.downsample, downsample_tau=pair.mame.downsample_tau)),
         tokens_per_block=tokens,
         acc_change=accuracy[1] - accuracy[0], param_ratio=sizes[1].params / sizes[0].params,
-        flop_ratio=sizes[1].flops / sizes[0].flops, speedup=speed.ratio, speedup_min=speed.ratio_low,
-        speedup_max=speed.ratio_high, speed_pairs=speed.pairs, speed_batch=int(x.shape[0]),
+        flop_ratio=sizes[1].flops / sizes[0].flops, **timing,
         paper=PAPER[pair.key],
         paper_speedup=PAPER[pair.key]["mame"][2] / PAPER[pair.key]["base"][2],
         paper_flop_ratio=PAPER[pair.key]["mame"][1] / PAPER[pair.key]["base"][1],
@@ -149,8 +165,7 @@ def measure(pair: Pair, args: argparse.Namespace, test: torch.Tensor, labels: to
         schedule=dict(train_samples=pair.base.train_samples, epochs=pair.base.epochs,
                       batch_size=pair.base.batch_size, lr=pair.base.lr, warmup_epochs=pair.base.warmup_epochs,
                       eval_images=len(labels)),
-        meta=dict(load_average_1min=load, load_after=load_after, threads=torch.get_num_threads(),
-                  torch=torch.__version__, dtype="float32", device="cpu", date=time.strftime("%Y-%m-%d %H:%M")),
+        meta=dict(torch=torch.__version__, dtype="float32", device="cpu", date=time.strftime("%Y-%m-%d %H:%M")),
     )
     return row
 
@@ -165,14 +180,18 @@ def table(rows: list[dict]) -> Table:
         out.add_row(row["pair"], f"{base['test_acc']:.2f}", f"{mame['test_acc']:.2f}", f"{row['acc_change']:+.2f}",
                     f"{base['params'] / 1e6:.2f} → {mame['params'] / 1e6:.2f}",
                     f"{base['flops'] / 1e9:.3f} → {mame['flops'] / 1e9:.3f}", f"{row['flop_ratio']:.3f}",
-                    f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}–{row['speedup_max']:.2f})",
+                    "not timed" if row.get("speedup") is None else
+                    f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}–{row['speedup_max']:.2f}, load "
+                    f"{row['load_average_1min']:.2f})",
                     f"{row['paper_acc_change']:+.1f} / {row['paper_flop_ratio']:.2f} / {row['paper_speedup']:.2f}x")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=("train", "measure", "all"), default="all")
+    parser.add_argument("--phase", choices=("train", "measure", "speed", "all"), default="all",
+                        help="speed: re-time the pairs of an existing --out file (its other numbers stay)")
+    parser.add_argument("--no-speed", dest="speed", action="store_false", help="measure without timing")
     parser.add_argument("--only", default="vit,swin,iwin", help="comma-separated pairs: vit, swin, iwin")
     parser.add_argument("--train-samples", type=int, default=6000, help="training images (seeded subset)")
     parser.add_argument("--eval-samples", type=int, default=1000, help="test images evaluated after each epoch")
@@ -194,13 +213,28 @@ def main() -> None:
     if args.phase in ("train", "all"):
         for pair in chosen:
             run_training(pair, args.force)
-    if args.phase in ("measure", "all"):
+    if args.phase in ("measure", "speed", "all"):
         train_set, test_set = fashion_mnist_data(args.train_samples, None, args.seed, 28, 1)
         args.stats = (train_set.mean.flatten().tolist(), train_set.std.flatten().tolist())
         test = test_set.images[:args.test_images]
         labels = test_set.labels[:args.test_images]
-        rows = [measure(pair, args, test, labels) for pair in chosen]
-        console.print(table(rows))
+        previous = ([json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file()
+                    else [])
+        if args.phase == "speed":
+            rows = previous or [dict(pair=pair.key) for pair in chosen]
+            x = speed_batch(args, test, labels)
+            for row in rows:
+                pair = next((p for p in chosen if p.key == row["pair"]), None)
+                if pair is not None:
+                    row.update(speed(tuple(_trained(config)[0] for config in (pair.base, pair.mame)), x, args))
+        else:
+            rows = [measure(pair, args, test, labels) for pair in chosen]
+            if not args.speed:  # keep the timings of an earlier --phase speed
+                timed = {row["pair"]: row for row in previous if row.get("speedup") is not None}
+                for row in rows:
+                    row.update({key: value for key, value in timed.get(row["pair"], {}).items()
+                                if key in SPEED_KEYS})
+        console.print(table(rows) if all("base" in row for row in rows) else rows)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("w") as handle:
             for row in rows:
