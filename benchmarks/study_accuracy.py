@@ -7,16 +7,21 @@ a logistic-regression probe (`mame.evaluate`). Every run is one *option* at one 
 - MaMe options are fitted for a FLOP-ratio target by `mame.calibrate.calibrate` on ``--n-calib`` unlabelled
   train-split images that are not among the k-NN / probe images (per-block thresholds, or one shared τ); the FLOP
   ratio reported is the one counted on all scored images, so it also shows how the thresholds transfer.
-- ToMe (`mame.baselines.tome`) runs at constant r (12, 16, 20) and with its decreasing schedule (r falling linearly
-  from 2 r0 in the first block to 0 in the last) for the ratios constant r cannot reach.
+- ToMe (`mame.baselines.tome`) runs at constant r (12, 16, 20: at most about 2x), with its decreasing schedule (r
+  falling linearly from 2 r0 in the first block to 0 in the last) and with the geometric token schedule of the
+  chosen MaMe setting (r per block from `mame.calibrate.token_schedule`), so both methods are also compared on the
+  same schedule.
 
 FLOPs are counted on every batch of every run (`mame.bench.flops`: all matmuls, attention and the merges' own),
 tokens are the mean per image after the last block; nothing is timed (speed is measured elsewhere, on a quiet
 machine). Unmodified and variant features are cached (``$MAME_STUDY_CACHE``, default the user cache dir), each run
 appends one JSON line to ``benchmarks/results/accuracy_study.jsonl``, and a run already recorded there is skipped.
+``rescore`` adds k-NN and probe accuracies pooled over all scored images (fewer chance effects, from the cached
+features) in ``benchmarks/results/accuracy_study_pooled.json``.
 
-    python benchmarks/study_accuracy.py run --dataset fashion_mnist --options shared-x-8,perblock-keys_mean \\
-        --targets 2.0 --tome 12,16,20
+    python benchmarks/study_accuracy.py run --dataset mnist --options perblock-keys-geo-noprune,shared-x-8 \\
+        --targets 1.5,2,2.5,3 --tome r12,r16,r20,dec18,dec20,geo0.21,geo0.064
+    python benchmarks/study_accuracy.py rescore      # pooled k-NN / probe from the cached features
     python benchmarks/study_accuracy.py table        # writes benchmarks/accuracy_study.md from the JSON lines
 
 Run it niced on a shared machine, with one torch thread: ``OMP_NUM_THREADS=1 nice -n 19 python ...``.
@@ -55,6 +60,7 @@ from mame.core import token_split
 ROOT = Path(__file__).resolve().parent
 PROTECTED_SHARE = 0.1  # `ProtectClsAttention`: the share of tokens the class token attends to most
 RESULTS = ROOT / "results" / "accuracy_study.jsonl"
+POOLED = ROOT / "results" / "accuracy_study_pooled.json"  # `rescore`: pooled accuracies per recorded row
 TABLE = ROOT / "accuracy_study.md"
 console = Console(stderr=True)
 
@@ -123,6 +129,9 @@ OPTIONS = {option.name: option for option in [
             metric="keys"),
     _option("perblock-keys-geo-noprune", "per-block τ, all 12 blocks, geometric schedule, keys, no pruning",
             schedule="geometric", metric="keys", prune=False),
+    _option("share-keys-geo-noprune", "per-image budget, geometric schedule, keys, no pruning (the chosen "
+            "per-block setting with every image merging the same share)", schedule="geometric", metric="keys",
+            prune=False, prototype="share"),
     _option("share-keys-dec", "per-image budget (as share-keys_mean-dec), keys of all heads", schedule="decreasing",
             metric="keys", prototype="share"),
     _option("perblock-keys-dec-noprune", "per-block τ, decreasing, keys, no pruning", schedule="decreasing",
@@ -275,11 +284,17 @@ def fit_shares(model: nn.Module, images: torch.Tensor, option: Option, target: f
     return shares, best[1]
 
 
-def tome_schedule(setting: str, depth: int) -> int | list[int]:
-    """``"r16"``: constant r = 16; ``"dec18"``: ToMe's decreasing schedule, r from 36 in the first block to 0."""
+def tome_schedule(setting: str, depth: int, tokens: int = 257, special: int = 1) -> int | list[int]:
+    """``"r16"``: constant r = 16; ``"dec18"``: ToMe's decreasing schedule, r from 36 in the first block to 0;
+    ``"geo0.1"``: r per block from MaMe's geometric token schedule (`token_schedule`) down to 10 % of the mergeable
+    tokens, so ToMe is also measured with the schedule the chosen MaMe default uses."""
     if setting.startswith("dec"):
         r0 = int(setting[3:])
         return [round(2 * r0 * (1 - i / (depth - 1))) for i in range(depth)]
+    if setting.startswith("geo"):
+        counts = [tokens] + [round(c) for c in token_schedule("geometric", tokens, special, depth,
+                                                              float(setting[3:]))]
+        return [before - after for before, after in zip(counts, counts[1:])]
     return int(setting.removeprefix("r"))
 
 
@@ -392,26 +407,30 @@ def pooled_scores(features: torch.Tensor, labels: torch.Tensor, folds: int = 5) 
     return knn, correct / n
 
 
+def _row_id(row: dict) -> str:
+    return f"{row['data_key']}|{row['option']}|{row['setting']}"
+
+
 def rescore(args: argparse.Namespace) -> None:
-    """Add the pooled k-NN and probe accuracies (`pooled_scores`) to every recorded row whose features are cached."""
-    rows = recorded(args.out)
+    """Pooled k-NN and probe accuracies (`pooled_scores`) of every recorded row whose features are cached, kept in a
+    file of their own beside the JSON lines (so that runs still appending to those are never overwritten)."""
+    pooled = json.loads(args.pooled.read_text()) if args.pooled.exists() else {}
     labels_of: dict[str, torch.Tensor] = {}
-    for row in rows:
-        if "knn_pooled" in row:
+    for row in recorded(args.out):
+        if _row_id(row) in pooled:
             continue
         path = cache_path(row["data_key"], row_run_key(row))
         if not path.exists():
-            console.print(f"no cached features for {row['data_key']} {row['option']} {row['setting']}")
+            console.print(f"no cached features for {_row_id(row)}")
             continue
         if row["data_key"] not in labels_of:
             name, n_train, n_test, n_calib, seed = row["data_key"].rsplit("-", 4)
             images = Data.load(name, int(n_train), int(n_test), int(n_calib), int(seed))
             labels_of[row["data_key"]] = torch.cat([images.train_labels, images.test_labels])
-        features = torch.load(path)["features"]
-        row["knn_pooled"], row["probe_pooled"] = pooled_scores(features, labels_of[row["data_key"]])
-        console.print(f"{row['data_key']} {row['option']} {row['setting']}: pooled kNN "
-                      f"{100 * row['knn_pooled']:.1f} probe {100 * row['probe_pooled']:.1f}")
-    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        knn, probe = pooled_scores(torch.load(path)["features"], labels_of[row["data_key"]])
+        pooled[_row_id(row)] = {"knn_pooled": knn, "probe_pooled": probe}
+        console.print(f"{_row_id(row)}: pooled kNN {100 * knn:.1f} probe {100 * probe:.1f}")
+        args.pooled.write_text(json.dumps(pooled, indent=1) + "\n")
 
 
 def scores(features: torch.Tensor, images: Data) -> tuple[float, float]:
@@ -512,8 +531,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """Piecewise-linear value of a curve (sorted by x) at ``x``, None outside its range."""
+    """Piecewise-linear value of a front (sorted by x) at ``x``; below its first point that point's value (it is both
+    faster and at least as good), None past its last point."""
     points = sorted(points)
+    if points and x <= points[0][0]:
+        return points[0][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -538,7 +560,8 @@ def _with_delta(value: float | None, reference: float | None, scale: float, digi
 
 
 def table(args: argparse.Namespace) -> None:
-    rows = recorded(args.out)
+    pooled = json.loads(args.pooled.read_text()) if args.pooled.exists() else {}
+    rows = [row | pooled.get(_row_id(row), {}) for row in recorded(args.out)]
     lines = ["# Accuracy at equal FLOPs: MaMe's options against ToMe (issue 16)", "",
              "Generated by `benchmarks/study_accuracy.py table` from `benchmarks/results/accuracy_study.jsonl` "
              "(see the script's docstring for the protocol). Real DINOv2-S/14 at 224 px, fp32, frozen. kNN = DINO's "
@@ -549,11 +572,13 @@ def table(args: argparse.Namespace) -> None:
              "leave-one-out, probe by 5-fold cross-validation: twice the predictions, half the variance); cos = mean "
              "cosine between each image's features and the unmodified model's, both centred "
              "on the unmodified mean (a low-noise measure of how much merging changed the features). In brackets: "
-             "the difference to ToMe at the same FLOP ratio (linear interpolation on ToMe's measured front of "
-             "constant-r and decreasing schedules; none outside its range), in points (cos: in cosine).", ""]
+             "the difference to ToMe at the same FLOP ratio (linear interpolation on the upper front of all of "
+             "ToMe's measured points: constant r, decreasing and geometric schedules; below its fastest point that "
+             "point's value, none past its slowest), in points (cos: in cosine).", ""]
     lines += ["Options:", ""] + [f"- `{o.name}`: {o.what}" for o in OPTIONS.values()] + [
         "- `tome`: ToMe, `r12`/`r16`/`r20` constant r in all 12 blocks, `decN` its decreasing schedule (r from 2N "
-        "in block 1 to 0 in block 12)", ""]
+        "in block 1 to 0 in block 12), `geoF` r per block from the geometric token schedule down to the share F of "
+        "the mergeable tokens (the schedule of the MaMe default, given to ToMe for a like-for-like comparison)", ""]
     for dataset in sorted({r["dataset"] for r in rows}):
         for key in sorted({r["data_key"] for r in rows if r["dataset"] == dataset}, key=lambda k: -len(k)):
             subset = [r for r in rows if r["dataset"] == dataset and r["data_key"] == key]
@@ -624,9 +649,11 @@ def main() -> None:
     rescore_parser = commands.add_parser("rescore", help="add pooled (leave-one-out / cross-validated) k-NN and "
                                                          "probe accuracies to the recorded rows, from the cache")
     rescore_parser.add_argument("--out", type=Path, default=RESULTS)
+    rescore_parser.add_argument("--pooled", type=Path, default=POOLED)
     table_parser = commands.add_parser("table", help="write the markdown table from the JSON lines")
     table_parser.add_argument("--out", type=Path, default=RESULTS)
     table_parser.add_argument("--table", type=Path, default=TABLE)
+    table_parser.add_argument("--pooled", type=Path, default=POOLED)
     table_parser.add_argument("--notes", type=Path, default=ROOT / "accuracy_study_notes.md",
                               help="hand-written conclusions appended to the table")
     args = parser.parse_args()
