@@ -1,1 +1,2 @@
-"""Baselines written here for side-by-side runs on the same patched block (ToMe)."""
+"""Baselines written here for side-by-side runs on the same patched block: ToMe, EViT and PiToMe for ViTs; KV-cache
+baselines for causal language models."""

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mame.blocks import MergeRuntime, TokenState
+from mame.blocks import Merger, MergeRuntime, TokenState
 from mame.patch.base import install
 from mame.patch.options import resolve_layers
 from mame.patch.timm import TIMM_LAYOUT, PatchedViT, check_model
@@ -111,5 +111,12 @@ def patch_timm(model: nn.Module, r: int | Sequence[int] = 16, *, proportional_at
     rs = parse_r(r, depth)
     mergers = {i: ToMeMerge(rs[i]) for i in indices if rs[i] > 0}
     settings = dict(method="tome", r=rs, layers=indices, proportional_attention=proportional_attention)
-    runtime = MergeRuntime(settings=settings, layers=indices, num_special=model.num_prefix_tokens)
+    return install_timm(model, mergers, settings, proportional_attention)
+
+
+def install_timm(model: nn.Module, mergers: dict[int, Merger], settings: dict, proportional_attention: bool
+                 ) -> nn.Module:
+    """Install a baseline's ``mergers`` (block index -> merger) on a checked timm ViT, with ``settings`` (their
+    ``method`` and options, ``layers`` included) kept at ``model.mame.settings``."""
+    runtime = MergeRuntime(settings=settings, layers=settings["layers"], num_special=model.num_prefix_tokens)
     return install(model, list(model.blocks), TIMM_LAYOUT, mergers, runtime, proportional_attention, PatchedViT)
