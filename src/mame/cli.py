@@ -519,6 +519,173 @@ def lm_command(
     _write_json(json_out, asdict(result))
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"{option} must be comma-separated integers, got {text!r}")
+
+
+def _names(text: str, option: str) -> list[str]:
+    """Comma-separated registered method names (`mame.methods.METHODS`)."""
+    from mame.methods import METHODS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        _fail(f"{option}: unknown method(s) {', '.join(unknown)}; registered: {', '.join(METHODS)}")
+    return names
+
+
+def _photos(images: list[str], count: int):
+    """The photos named on the command line (files, or bundled names such as skimage/astronaut), else the first
+    ``count`` bundled photos."""
+    from PIL import Image
+
+    from mame import data
+
+    if not images:
+        return data.sample_photos(count)
+    bundled = dict(data.sample_photos())
+    photos = []
+    for image in images:
+        if Path(image).is_file():
+            photos.append((Path(image).stem, Image.open(image).convert("RGB")))
+        elif image in bundled:
+            photos.append((image, bundled[image]))
+        else:
+            _fail(f"{image} is neither an image file nor a bundled photo ({', '.join(bundled)})")
+    return photos
+
+
+@app.command()
+def viz(
+    images: Optional[list[str]] = typer.Argument(None, help="image files or bundled photo names (e.g. "
+                                                            "skimage/astronaut); none: the first --photos bundled "
+                                                            "photos"),
+    model: str = typer.Option("dinov2_vits14_imgfocus", help=MODEL_HELP),
+    tau: float = typer.Option(0.8, help="MaMe threshold (the paper's operator: tokens as metric, pruning)"),
+    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    after: str = typer.Option("3,6,12", help="comma-separated 1-based blocks after which to draw the merge map"),
+    methods: str = typer.Option("mame,tome", help="rows of each picture: mame, then baselines (registered: "
+                                                  "mame.methods.METHODS)"),
+    setting: Optional[list[str]] = typer.Option(None, help="a fixed baseline setting, METHOD.PARAM=VALUE (e.g. "
+                                                           "tome.r=8; repeat the option); a baseline without one "
+                                                           "is matched to MaMe's token count after the last block"),
+    photos: int = typer.Option(4, min=1, max=20, help="bundled photos when no IMAGE is given"),
+    style: str = typer.Option("mean", help="'mean' (each token's patches in their mean colour) or 'distinct' (one "
+                                           "colour per token, as the paper's Figure 1)"),
+    fit: Fit = typer.Option(Fit.center_crop, help=FIT_HELP),
+    out: Path = typer.Option(Path("mame-viz"), help="folder for one PNG per image"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Merge maps (the paper's Figures 1 and 3): per image one PNG with the photo as the model sees it, then which
+    patches share a token after each --after block, borders between tokens, a dot on tokens still holding a single
+    patch, the token count in each title; one row for MaMe and one per baseline, at the same token budget."""
+    from mame import viz as viz_module
+
+    if style not in ("mean", "distinct"):
+        _fail(f"--style must be 'mean' or 'distinct', got {style!r}")
+    names = _names(methods, "--methods")
+    if "mame" in names:
+        names.remove("mame")
+    fixed: dict[str, dict] = {}
+    for entry in setting or []:
+        try:
+            target, value = entry.split("=", 1)
+            name, param = target.split(".", 1)
+            fixed.setdefault(name, {})[param] = float(value) if "." in value else int(value)
+        except ValueError:
+            _fail(f"--setting must look like METHOD.PARAM=VALUE (e.g. tome.r=8), got {entry!r}")
+    _set_threads(threads)
+    net = _load_model(model)
+    chosen = _photos(images or [], photos)
+    try:
+        written = viz_module.write_figures(net, chosen, out, tau=tau, layers=layers, after=_int_list(after, "--after"),
+                                           baselines=names, settings=fixed, fit=fit.value, style=style)
+    except ValueError as error:
+        _fail(str(error))
+    for path, panels in written:
+        summary = ", ".join(dict.fromkeys(f"{panel.method}: {_last_tokens(panels, panel.method):.0f}"
+                                          for panel in panels))
+        console.print(f"wrote [bold]{path}[/] (tokens after block {panels[-1].block}: {summary})")
+
+
+def _last_tokens(panels, method_label: str) -> float:
+    """The token count in the last panel of a method's row."""
+    return [panel.tokens for panel in panels if panel.method == method_label][-1]
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option("dinov2_vits14_imgfocus", help=MODEL_HELP),
+    tau: str = typer.Option("0.7:0.95:0.05", help="MaMe thresholds: start:stop:step (stop included) or a comma "
+                                                  "list"),
+    blocks: str = typer.Option("4,8,12", help="comma-separated block counts: MaMe on the first K blocks"),
+    partition: str = typer.Option("alternating", help="comma-separated partitions: alternating, random, "
+                                                      "sequential"),
+    seeds: int = typer.Option(5, min=1, help="seeds of each random-partition setting"),
+    batch_rule: str = typer.Option("per_sample", help="MaMe's batch rule: 'per_sample' or 'any' (the paper's; "
+                                                      "random and sequential partitions over several blocks always "
+                                                      "use it)"),
+    baselines: str = typer.Option("tome", help="comma-separated baselines swept beside MaMe ('' for none)"),
+    grid: Optional[list[str]] = typer.Option(None, help="a baseline's values, METHOD=V1,V2,... (e.g. "
+                                                        "tome=2,4,8,16; repeat the option); default its registered "
+                                                        "grid"),
+    data: str = typer.Option("fashion-mnist", help="'fashion-mnist', 'mnist' or an image folder DIR/<class>/*.jpg "
+                                                   "(a classifier is scored by top-1, a backbone by k-NN / probe)"),
+    n_train: int = typer.Option(300, min=1, help="train images (k-NN neighbours, probe fitting)"),
+    n_test: int = typer.Option(300, min=1, help="test images scored"),
+    seed: int = typer.Option(0, help="picks the train and test subsets"),
+    batch: int = typer.Option(32, min=1, help="batch size, also the timing batch"),
+    pairs: int = typer.Option(3, min=1, help="interleaved timing pairs per point"),
+    out: Path = typer.Option(Path("sweep.jsonl"), help="JSON-lines results; points already in it are skipped"),
+    plots: Optional[Path] = typer.Option(None, help="folder for the plots (default: beside --out)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Accuracy and speed over a grid (the paper's Figure 4): MaMe for every τ × block count × partition (× seed),
+    each baseline over its values, and the unmodified model; every point (accuracy, FLOP ratio, tokens, measured
+    speed-up) is appended to --out as one JSON line as soon as it is measured, and a rerun skips the points already
+    there. Then draws accuracy and speed-up vs τ, accuracy vs FLOP ratio and vs speed-up with the Pareto front, and
+    box plots of random partitions (needs matplotlib: pip install 'mame\\[viz]')."""
+    import torch
+
+    from mame import sweep as sweep_module
+    from mame.bench import report_load
+    from mame.methods import method
+
+    partitions = [part.strip() for part in partition.split(",") if part.strip()]
+    values: dict[str, list[float]] = {name: list(method(name).grid) for name in _names(baselines, "--baselines")}
+    for entry in grid or []:
+        name, _, listed = entry.partition("=")
+        if name not in values:
+            _fail(f"--grid {entry!r}: {name!r} is not among --baselines {baselines!r}")
+        values[name] = sweep_module.parse_values(listed)
+    try:
+        points = sweep_module.grid(taus=sweep_module.parse_values(tau), blocks=_int_list(blocks, "--blocks"),
+                                   partitions=partitions, seeds=seeds, batch_rule=batch_rule, baselines=values)
+    except ValueError as error:
+        _fail(str(error))
+    _set_threads(threads)
+    net = _load_model(model)
+    datasets = {"fashion-mnist": "fashion_mnist", "mnist": "mnist"}
+    if data in datasets:
+        net.reset_classifier(0)  # features, not class logits: a timm architecture keeps its 1000-class head
+        sweep_data = sweep_module.labelled_data(net, datasets[data], n_train, n_test, seed=seed, batch_size=batch)
+    elif Path(data).is_dir():
+        sweep_data = sweep_module.folder_data(net, data, n_train, n_test, seed=seed, batch_size=batch)
+    else:
+        _fail(f"--data must be fashion-mnist, mnist or an image folder, got {data!r}")
+    report_load(console, torch.get_num_threads())
+    records = sweep_module.run(net, points, sweep_data, out, context={"model": model, "seed": seed, "batch": batch},
+                               pairs=pairs, console=console)
+    console.print(f"{len(records)} points in {out}")
+    for metric in sweep_module.accuracy_keys(records):
+        console.print(sweep_module.best_table(sweep_module.read_records(out), metric))
+    for path in sweep_module.plot(sweep_module.read_records(out), plots or out.parent, prefix=out.stem):
+        console.print(f"wrote [bold]{path}[/]")
+
+
 from mame.train_cli import train_command  # noqa: E402  (its own module: many options)
 
 app.command("train")(train_command)
