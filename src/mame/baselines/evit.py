@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mame.baselines.tome import install_timm
+from mame.baselines.tome import install_timm, take_rows
 from mame.blocks import TokenState
 from mame.patch.options import resolve_layers
 from mame.patch.timm import TIMM_ATTENTION, check_model
@@ -70,8 +70,7 @@ def reorganise(x: torch.Tensor, attentiveness: torch.Tensor, sizes: torch.Tensor
         weights = weights / weights.sum(dim=1, keepdim=True)
     fused_token = torch.einsum("bn,bnd->bd", weights.to(x.dtype), tokens)
     fused_size = (token_sizes * fused).sum(dim=1, keepdim=True)
-    kept_tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    return (torch.cat([x[:, :num_special], kept_tokens, fused_token.unsqueeze(1)], dim=1),
+    return (torch.cat([x[:, :num_special], take_rows(tokens, kept), fused_token.unsqueeze(1)], dim=1),
             torch.cat([sizes[:, :num_special], token_sizes.gather(1, kept), fused_size], dim=1))
 
 

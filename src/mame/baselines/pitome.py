@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mame.baselines.tome import install_timm, parse_r
+from mame.baselines.tome import install_timm, parse_r, row_index, sized, take_rows, unsized
 from mame.blocks import TokenState
 from mame.patch.options import resolve_layers
 from mame.patch.timm import check_model
@@ -69,20 +69,12 @@ def pitome_merge(x: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, r: 
         set_a = order[:, : 2 * r : 2]
         set_b = order[:, 1 : 2 * r : 2].sort(dim=1).values
         protected = order[:, 2 * r :].sort(dim=1).values
-        rows = similarity.gather(1, set_a.unsqueeze(-1).expand(-1, -1, count))
+        rows = take_rows(similarity, set_a)  # (B, r, n): each A token's similarities
         target = rows.gather(2, set_b.unsqueeze(1).expand(-1, r, -1)).argmax(dim=-1)  # (B, r) position in B
-    tokens, token_sizes = x[:, num_special:], sizes[:, num_special:].to(x.dtype)
-    weighted = torch.cat([tokens * token_sizes.unsqueeze(-1), token_sizes.unsqueeze(-1)], dim=-1)
-    channels = weighted.shape[-1]
-
-    def pick(index: torch.Tensor) -> torch.Tensor:
-        return weighted.gather(1, index.unsqueeze(-1).expand(-1, -1, channels))
-
-    merged = pick(set_b).scatter_add(1, target.unsqueeze(-1).expand(-1, -1, channels), pick(set_a))
-    merged = torch.cat([pick(protected), merged], dim=1)
-    new_sizes = merged[..., -1]
-    return (torch.cat([x[:, :num_special], merged[..., :-1] / new_sizes.unsqueeze(-1)], dim=1),
-            torch.cat([sizes[:, :num_special], new_sizes.to(sizes.dtype)], dim=1))
+    weighted = sized(x, sizes)[:, num_special:]
+    merged = take_rows(weighted, set_b).scatter_add(1, row_index(target, weighted.shape[-1]),
+                                                    take_rows(weighted, set_a))
+    return unsized(x, sizes, torch.cat([take_rows(weighted, protected), merged], dim=1), num_special)
 
 
 @dataclass(frozen=True)

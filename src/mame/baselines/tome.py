@@ -47,6 +47,30 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
     return kept_a.sort(dim=-1).values, merged_a, best_b.gather(1, merged_a)
 
 
+def row_index(index: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, K) token indices as the (B, K, channels) index that `gather`/`scatter_add` along dim 1 take."""
+    return index.unsqueeze(-1).expand(-1, -1, channels)
+
+
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``index`` (B, K) of each sample of ``t`` (B, L, c)."""
+    return t.gather(1, row_index(index, t.shape[-1]))
+
+
+def sized(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, L, d + 1): each token times its size, then the size, so one sum of rows merges values and sizes."""
+    weights = sizes.to(x.dtype).unsqueeze(-1)
+    return torch.cat([x * weights, weights], dim=-1)
+
+
+def unsized(x: torch.Tensor, sizes: torch.Tensor, merged: torch.Tensor, num_special: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``'s specials, then the size-weighted means of ``merged`` (sums of `sized` rows); and their sizes."""
+    new_sizes = merged[..., -1]
+    return (torch.cat([x[:, :num_special], merged[..., :-1] / new_sizes.unsqueeze(-1)], dim=1),
+            torch.cat([sizes[:, :num_special], new_sizes.to(sizes.dtype)], dim=1))
+
+
 def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, r: int, num_special: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``r`` tokens of (B, L, d) ``x`` by size-weighted averaging (official ToMe: at most half of the
@@ -58,18 +82,12 @@ def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, r
     if r <= 0:
         return x, sizes
     kept_a, merged_a, target_b = bipartite_soft_matching(metric.float(), r, num_special)
-    weights = sizes.to(x.dtype).unsqueeze(-1)
-    weighted = torch.cat([x * weights, weights], dim=-1)  # merge values and sizes in one pass
+    weighted = sized(x, sizes)
     a, b = weighted[:, ::2], weighted[:, 1::2]
-    channels = weighted.shape[-1]
-    kept = a.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, channels))
-    moving = a.gather(1, merged_a.unsqueeze(-1).expand(-1, -1, channels))
-    b = b.scatter_add(1, target_b.unsqueeze(-1).expand(-1, -1, channels), moving)
+    b = b.scatter_add(1, row_index(target_b, b.shape[-1]), take_rows(a, merged_a))
     # Protected tokens come first among the kept A tokens and the B tokens and are unchanged: take them from x.
-    merged = torch.cat([kept[:, (num_special + 1) // 2 :], b[:, num_special // 2 :]], dim=1)
-    new_sizes = merged[..., -1]
-    return (torch.cat([x[:, :num_special], merged[..., :-1] / new_sizes.unsqueeze(-1)], dim=1),
-            torch.cat([sizes[:, :num_special], new_sizes.to(sizes.dtype)], dim=1))
+    merged = torch.cat([take_rows(a, kept_a)[:, (num_special + 1) // 2 :], b[:, num_special // 2 :]], dim=1)
+    return unsized(x, sizes, merged, num_special)
 
 
 @dataclass(frozen=True)
