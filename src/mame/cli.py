@@ -64,8 +64,9 @@ def demo(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
     fit: Fit = typer.Option(Fit.center_crop, help=FIT_HELP),
 ) -> None:
-    """Real DINOv2 ViT-S/14 on bundled photos: tokens per block, speed-up and CLS fidelity for MaMe
-    (τ 0.7/0.8/0.9) and ToMe (r 8/16) against the unmodified model, and a merge-map PNG. Prints the load average
+    """Real DINOv2 ViT-S/14 on bundled photos: tokens per block, speed-up and CLS fidelity for MaMe (the default
+    patch at 2x and 3x FLOPs, the paper's τ = 0.8) and ToMe (r 8/16) against the unmodified model, and a merge-map
+    PNG. Prints the load average
     first and warns when another process loads the CPU."""
     from mame import demo as demo_module
 
@@ -79,8 +80,11 @@ def demo(
 @app.command()
 def bench(
     model: str = typer.Argument("dinov2_vits14_imgfocus", help=MODEL_HELP),
-    tau: list[float] = typer.Option([0.8], help="MaMe thresholds to compare (repeat the option for several)"),
-    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    flops: list[float] = typer.Option([2.0], help="FLOP budgets of the default MaMe patch (repeat the option for "
+                                                  "several; 0 to skip)"),
+    tau: list[float] = typer.Option([], help="thresholds of the paper's MaMe operator (preset 'paper') on the first "
+                                             "--layers blocks (repeat the option for several)"),
+    layers: int = typer.Option(8, help="blocks of --tau: the first K"),
     batch_rule: str = typer.Option("per_sample", help="'per_sample' or 'any' (the paper's batch-wide rule)"),
     tome_r: list[int] = typer.Option([16], help="ToMe r values to compare (0 to skip)"),
     batch: int = typer.Option(32, min=1, help="batch size"),
@@ -113,8 +117,11 @@ def bench(
     net = _load_model(model)
     x = _bench_inputs(data, batch, net, fit)
     load = bench_module.report_load(console, torch.get_num_threads())
-    variants = [bench_module.Variant(f"MaMe τ={t}", "mame", {"tau": t, "layers": layers, "batch_rule": batch_rule})
-                for t in tau]
+    variants = [bench_module.Variant(f"MaMe {f:g}x", "mame", {"flops": f, "batch_rule": batch_rule})
+                for f in flops if f > 0]
+    variants += [bench_module.Variant(f"MaMe paper τ={t}", "mame",
+                                      {"tau": t, "layers": layers, "batch_rule": batch_rule, "preset": "paper"})
+                 for t in tau]
     variants += [bench_module.Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
     torch_dtype = getattr(torch, dtype)
     results = bench_module.compare(net, x, variants, pairs=pairs, device=device, dtype=torch_dtype, bound=bound,
@@ -243,11 +250,14 @@ def eval_command(
     model: str = typer.Argument("dinov2_vits14_imgfocus", help=MODEL_HELP),
     n_train: int = typer.Option(2000, min=1, help="train images (k-NN neighbours, probe fitting)"),
     n_test: int = typer.Option(1000, min=1, help="test images scored"),
-    tau: list[float] = typer.Option([0.7, 0.8, 0.9], help="MaMe thresholds (repeat the option for several)"),
-    layers: int = typer.Option(8, help="MaMe on the first K blocks"),
+    flops: list[float] = typer.Option([1.5, 2.0, 3.0], help="FLOP budgets of the default MaMe patch (repeat the "
+                                                            "option for several; 0 to skip)"),
+    tau: list[float] = typer.Option([], help="thresholds of the paper's MaMe operator (preset 'paper'; repeat the "
+                                             "option for several), each with every --options setting"),
+    layers: int = typer.Option(8, help="blocks of --tau: the first K"),
     tome_r: list[int] = typer.Option([8, 13, 16], help="ToMe r values (0 to skip)"),
     options: list[str] = typer.Option(["plain", "prop", "size"],
-                                      help="MaMe settings per τ: 'plain' (the paper's operator), 'prop' (proportional "
+                                      help="settings per --tau: 'plain' (the paper's operator), 'prop' (proportional "
                                            "attention), 'size' (size-weighted merging), 'both' (prop and size)"),
     seed: int = typer.Option(0, help="picks the train and test subsets"),
     batch: int = typer.Option(32, min=1, help="batch size, also the timing batch"),
@@ -259,9 +269,9 @@ def eval_command(
                                                              "1000 train / test split)"),
 ) -> None:
     """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist) or MNIST (--data
-    mnist): weighted k-NN (k=20) and logistic-regression probe on the features of the unmodified model, MaMe (per τ
-    and option) and ToMe (per r), with tokens after the last block, FLOP ratio and speed-up measured in the same
-    process.
+    mnist): weighted k-NN (k=20) and logistic-regression probe on the features of the unmodified model, MaMe (the
+    default patch per FLOP budget, the paper's operator per τ and option) and ToMe (per r), with tokens after the
+    last block, FLOP ratio and speed-up measured in the same process.
 
     Sub-commands (Hugging Face transformers models, unmodified against merged in one process; `pip install
     'mame\\[video]'`): `mame eval zeroshot MODEL --images DIR` is the zero-shot top-1 of a CLIP, SigLIP or SigLIP2
@@ -292,8 +302,10 @@ def eval_command(
     # Features, not class logits: a timm architecture from _load_model still has its 1000-class head.
     net.reset_classifier(0)
     variants = [Variant("unmodified", "none")]
-    variants += [Variant(f"MaMe τ={t}" + ("" if option == "plain" else f" +{option}"), "mame",
-                         {"tau": t, "layers": layers, **settings[option]}) for t in tau for option in options]
+    variants += [Variant(f"MaMe {f:g}x", "mame", {"flops": f}) for f in flops if f > 0]
+    variants += [Variant(f"MaMe paper τ={t}" + ("" if option == "plain" else f" +{option}"), "mame",
+                         {"tau": t, "layers": layers, "preset": "paper", **settings[option]})
+                 for t in tau for option in options]
     variants += [Variant(f"ToMe r={r}", "tome", {"r": r}) for r in tome_r if r > 0]
     load = report_load(console, torch.get_num_threads())
     start = time.perf_counter()
@@ -684,6 +696,26 @@ def sweep(
         console.print(sweep_module.best_table(sweep_module.read_records(out), metric))
     for path in sweep_module.plot(sweep_module.read_records(out), plots or out.parent, prefix=out.stem):
         console.print(f"wrote [bold]{path}[/]")
+
+
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(..., help="results to show: .png (mame viz), .jsonl (mame sweep, or any "
+                                                   "JSON lines), .json (mame bench / eval --json) or folders of "
+                                                   "them"),
+    out: Path = typer.Option(Path("report.html"), help="the HTML page to write"),
+    title: str = typer.Option("MaMe results", help="the page's title"),
+) -> None:
+    """One self-contained HTML page (pictures inlined, no scripts or links: readable offline, from disk) with the
+    tables and plots of bench, eval, sweep and viz results; a sweep gets the best point of each method at 1.5x, 2x
+    and 3x FLOP ratio, every point and its plots (needs matplotlib: pip install 'mame\\[viz]')."""
+    from mame import report as report_module
+
+    try:
+        path = report_module.build(results, out, title=title)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    console.print(f"wrote [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 from mame.train_cli import train_command  # noqa: E402  (its own module: many options)

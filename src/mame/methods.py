@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 import mame.patch
-from mame.baselines import tome
+from mame.baselines import evit, pitome, tome
 
 
 def _mame(model: nn.Module, tau: float, blocks: int, partition: str = "alternating", seed: int = 0,
@@ -36,6 +36,17 @@ def _mame(model: nn.Module, tau: float, blocks: int, partition: str = "alternati
 
 def _tome(model: nn.Module, r: int) -> nn.Module:
     return tome.patch_timm(model, r=int(r))
+
+
+def _evit(model: nn.Module, keep_rate: float) -> nn.Module:
+    """EViT at its paper's places (blocks 4, 7 and 10 of 12), moved to the same relative depth in other models."""
+    depth = len(model.blocks)
+    layers = sorted({min(depth - 1, round(index * depth / 12)) for index in evit.EVIT_LAYERS})
+    return evit.patch_timm(model, keep_rate=float(keep_rate), layers=layers)
+
+
+def _pitome(model: nn.Module, r: int) -> nn.Module:
+    return pitome.patch_timm(model, r=int(r))
 
 
 def _unchanged(model: nn.Module) -> nn.Module:
@@ -80,6 +91,8 @@ METHODS: dict[str, Method] = {
     "none": Method("none", "unmodified", "", (), _unchanged),
     "mame": Method("mame", "MaMe", "tau", (0.95, 0.9, 0.85, 0.8, 0.75, 0.7), _mame),
     "tome": Method("tome", "ToMe", "r", (2, 4, 8, 12, 16, 20), _tome),
+    "evit": Method("evit", "EViT", "keep_rate", (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), _evit),
+    "pitome": Method("pitome", "PiToMe", "r", (2, 4, 8, 12, 16, 20), _pitome),
 }
 BASELINES = tuple(name for name in METHODS if name not in ("none", "mame"))
 

@@ -144,10 +144,12 @@ def folder_data(model: nn.Module, root: str | Path, n_train: int, n_test: int, *
     folder = image_folder(root)
     order = torch.randperm(len(folder.paths), generator=torch.Generator().manual_seed(seed)).tolist()
     classifier = getattr(model, "num_classes", 0) > 0
+    needed = n_test + (0 if classifier else n_train)
+    if len(order) < needed:
+        raise ValueError(f"{root} has {len(order)} images, fewer than the {n_test} test"
+                         + ("" if classifier else f" and {n_train} train") + " images asked for")
     test_ids = order[:n_test]
-    train_ids = [] if classifier else order[n_test:n_test + n_train]
-    if not test_ids or (not classifier and not train_ids):
-        raise ValueError(f"{root} has {len(order)} images: too few for {n_test} test and {n_train} train images")
+    train_ids = [] if classifier else order[n_test:needed]
 
     def batches(ids: list[int]) -> Callable[[], Iterator[torch.Tensor]]:
         def make() -> Iterator[torch.Tensor]:
