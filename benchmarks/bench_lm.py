@@ -4,19 +4,24 @@ For each real English text shipped by installed packages (Debian's license texts
 base-files, and Vim's user manual in /usr/share/vim, from vim-runtime, where present) and each prompt length, the
 first ``length`` tokens are the prompt and the next 128 the continuation. Every method compresses the prompt's KV
 cache to the budget (`mame.lm.evaluate_prompt`): causal MaMe on hidden states during prefill (``mame``, τ fitted per
-prompt by bisection), causal MaMe as a press on the cache after prefill (``mame-kv``, per-layer quantile rule),
-StreamingLLM (4 sinks + recent window) and KnormPress. Measured: perplexity of the continuation, greedy agreement with
-the uncompressed model over 32 tokens, prefill and decode time ratios (single runs against one uncompressed prefill,
-or paired with one right before each with --paired-timing; the load average is recorded with them: on a busy machine
-they are noise).
+prompt by bisection), causal MaMe as a press on the cache after prefill (``mame-kv`` strict, ``mame-kv-paper`` in the
+paper's causal mode; per-layer quantile rule), StreamingLLM (4 sinks + recent window) and KnormPress. Measured:
+perplexity of the continuation, greedy agreement with the uncompressed model over 32 tokens, prefill and decode time
+ratios (single runs against one uncompressed prefill, or paired with one right before each with --paired-timing; the
+load average is recorded with them: on a busy machine they are noise).
 
     python benchmarks/bench_lm.py                       # all lengths and budgets -> benchmarks/results/lm.{jsonl,md}
     python benchmarks/bench_lm.py --lengths 512 --texts 1 --out /tmp/lm   # a quick look
+    python benchmarks/bench_lm.py --methods mame-kv-paper --merge        # add rows to the existing results
+
+With ``--merge`` this run's rows join those already in ``<out>.jsonl`` (replacing rows of the same text, prompt
+length, method and budget) and ``<out>.md`` is rewritten from all of them; without it both files hold this run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,6 +36,21 @@ from mame import lm
 CONTINUATION = 128
 LICENSES = Path("/usr/share/common-licenses")
 VIM_DOCS = Path("/usr/share/vim")
+TITLE = "# Causal MaMe on SmolLM2: KV budgets against StreamingLLM and KnormPress"
+NOTES = """\
+Runs behind the committed rows (`benchmarks/results/lm.md`), each with `nice -n 19`: `python benchmarks/bench_lm.py
+--texts 2` (GPL-3 and Vim's manual at 512, 1024, 2048 tokens) and `python benchmarks/bench_lm.py --texts 4 --only GFDL
+LGPL --lengths 1024`; GPL-3's `mame-kv` rows re-run after the press's tie-breaking fix, and `mame-kv-paper` added
+later with `--methods mame-kv-paper --merge` on the same prompts (the other rows unchanged).
+Methods: `mame` = causal MaMe on hidden states during prefill (strict, first layers, one τ per prompt by bisection;
+a merging layer still caches its full input, so 50 % needs two merging layers and 25 % three); `mame-kv` = strict
+causal MaMe as a press on each layer's cache after prefill (raw keys un-rotated, merged with the values, re-rotated at
+the destination's position; per-layer quantile rule over 1 + 2 extra rounds); `mame-kv-paper` = the same press in the
+paper's causal mode (section 5: a source may join any destination at or after its position, W^F masked, columns
+normalised over all destinations, no pruning; exactly the budget per layer); `streaming-llm` = 4 sinks + recent
+window; `knorm` = per head, the keys of smallest L2 norm. Greedy agreement is position by position over 32 tokens.
+Texts: Debian's license texts (/usr/share/common-licenses, base-files) and Vim's user manual chapters 1-9
+(/usr/share/vim, vim-runtime); continuation = the next 128 real tokens after the prompt."""
 
 
 def texts(count: int) -> list[tuple[str, str]]:
@@ -57,6 +77,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="only the texts whose names contain one of these")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's rows to <out>.jsonl (replacing rows of the same text, length, method "
+                             "and budget) and write <out>.md from all of them")
     parser.add_argument("--paired-timing", action="store_true",
                         help="time an uncompressed prefill right before each method's (one more prefill each)")
     parser.add_argument("--timing-pairs", type=int, default=0,
@@ -74,6 +97,9 @@ def main() -> None:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = args.out.with_suffix(".jsonl")
+    earlier = []
+    if args.merge and jsonl.is_file():
+        earlier = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     chosen = [(name, text) for name, text in texts(args.texts) if not args.only or any(o in name for o in args.only)]
     jobs = [(name, text, length) for name, text in chosen for length in args.lengths]
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -95,18 +121,45 @@ def main() -> None:
                 result.source = name
                 rows.append({**result.to_json(), "load_1min": load, **meta})
             results.extend(found)
-            jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))  # partial results survive
+            # Partial results survive (merged into the earlier rows at once, which are thus never lost).
+            jsonl.write_text("".join(json.dumps(row) + "\n" for row in merge_rows(earlier, rows)))
             progress.console.print(f"{name}, {length} tokens: done ({time.strftime('%H:%M')}, load {load:.1f})")
             progress.advance(task)
-    table = lm.markdown_table(results)
+    print(lm.markdown_table(results))
+    report = markdown(merge_rows(earlier, rows))
+    args.out.with_suffix(".md").write_text(report)
+    print(f"wrote {jsonl} and {args.out.with_suffix('.md')}" + (" (merged with the earlier rows)" if earlier else ""))
+
+
+def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``earlier`` rows without those ``new`` replaces (same text, prompt length, method and budget), then ``new``."""
+    def key(row: dict) -> tuple:
+        return row["source"], row["prompt_tokens"], row["method"], row["budget"]
+
+    replaced = {key(row) for row in new}
+    return [row for row in earlier if key(row) not in replaced] + new
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results file: notes, what the rows cover, the table over all prompts and one table per text."""
+    fields = {f.name for f in dataclasses.fields(lm.LMResult)}
+    results = [lm.LMResult(**{name: value for name, value in row.items() if name in fields}) for row in rows]
+    sources = sorted({r.source for r in results})
+    lengths = {source: sorted({r.prompt_tokens for r in results if r.source == source}) for source in sources}
+    prompts = sum(len(found) for found in lengths.values())
     loads = [row["load_1min"] for row in rows]
-    header = (f"SmolLM2-135M-Instruct (float32, batch 1, {args.threads} thread(s)), prompts of "
-              f"{', '.join(map(str, args.lengths))} tokens from: {', '.join(sorted({r.source for r in results}))}; "
-              f"continuation {CONTINUATION} tokens, greedy 32 tokens. Load average during the run "
-              f"{min(loads):.1f}-{max(loads):.1f}.\n\n")
-    args.out.with_suffix(".md").write_text(header + table + "\n")
-    print(header + table)
-    print(f"wrote {jsonl} and {args.out.with_suffix('.md')}")
+    dates = sorted({row["date"] for row in rows})
+    threads = sorted({row["threads"] for row in rows})
+    covered = "; ".join(f"{source} ({', '.join(map(str, lengths[source]))})" for source in sources)
+    header = (f"SmolLM2-135M-Instruct (float32, batch 1, {'/'.join(map(str, threads))} thread(s)): prompts = the first "
+              f"N tokens of {covered}; continuation {CONTINUATION} tokens, greedy 32 tokens. Per-prompt relative "
+              f"perplexity increases averaged over the {prompts} prompts; time ratios are medians of single runs. "
+              f"Rows from runs started {dates[0]} to {dates[-1]}, load average {min(loads):.1f}-{max(loads):.1f} "
+              "(time ratios at such loads are noise; `--timing-pairs` measures them in interleaved pairs).")
+    parts = [TITLE, NOTES, header, lm.markdown_table(results)]
+    for source in sources:
+        parts += [f"### {source}", lm.markdown_table([r for r in results if r.source == source])]
+    return "\n\n".join(parts) + "\n"
 
 
 def timing(args: argparse.Namespace, tokenizer, model) -> None:

@@ -344,7 +344,11 @@ def _prefilled(model, length=40):
         return ids, output_cache(model(ids, use_cache=True))
 
 
-@pytest.mark.parametrize("press", [lm.MamePress(), StreamingLLMPress(), KnormPress()], ids=lambda p: p.name)
+PAPER_PRESS = lm.MamePress(causal="paper", name="mame-kv-paper")
+
+
+@pytest.mark.parametrize("press", [lm.MamePress(), PAPER_PRESS, StreamingLLMPress(), KnormPress()],
+                         ids=lambda p: p.name)
 def test_presses_meet_the_budget_and_decode(press):
     model = _llama()
     ids, cache = _prefilled(model)
@@ -357,12 +361,13 @@ def test_presses_meet_the_budget_and_decode(press):
     assert torch.isfinite(logits).all()
 
 
-def test_mame_press_at_full_budget_or_tau_one_is_the_identity():
+@pytest.mark.parametrize("causal", ["strict", "paper"])
+def test_mame_press_at_full_budget_or_tau_one_is_the_identity(causal):
     model = _llama()
     _, cache = _prefilled(model)
     keys = cache.layers[0].keys.clone()
     positions = torch.arange(40)[None]
-    same = lm.MamePress().compress(keys, cache.layers[0].values, positions, 40, lm.rotary_of(model))
+    same = lm.MamePress(causal=causal).compress(keys, cache.layers[0].values, positions, 40, lm.rotary_of(model))
     assert same[0] is keys
     cos, sin = lm.rotary_of(model)(positions)
     raw = lm.unrotate(keys.transpose(1, 2), cos, sin)
@@ -408,7 +413,7 @@ def test_harness_runs_every_method_on_a_tiny_model():
     model = _llama()
     ids = _prompts(length=72)
     results = lm.evaluate_prompt(model, ids[:, :64], ids[:, 64:], budgets=[0.75], greedy_tokens=4)
-    assert [r.method for r in results] == ["full", "mame", "mame-kv", "streaming-llm", "knorm"]
+    assert [r.method for r in results] == ["full", "mame", "mame-kv", "mame-kv-paper", "streaming-llm", "knorm"]
     for result in results[1:]:
         assert result.kv_fraction <= 0.75 + 1e-9 and result.nll > 0 and 0 <= result.agreement <= 1
     assert not hasattr(model, "mame")
@@ -491,13 +496,108 @@ def test_time_prompt_reports_paired_ratios_for_every_method():
     assert not hasattr(model, "mame")
 
 
-def test_mame_press_hits_the_budget_exactly_with_repeated_tokens():
+@pytest.mark.parametrize("causal", ["strict", "paper"])
+def test_mame_press_hits_the_budget_exactly_with_repeated_tokens(causal):
     """Repeated tokens have identical keys (ties at similarity 1): the press still keeps exactly `keep` per layer,
     which a transformers model needs to decode (one length for every layer)."""
     torch.manual_seed(0)
     keys, values = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
     keys[:, :, 10:30] = keys[:, :, 10:11]
     for keep in (35, 30, 20, 13, 7):
-        kept_keys, kept_values, positions, sizes = lm.MamePress().compress(keys, values, torch.arange(40)[None], keep)
+        press = lm.MamePress(causal=causal)
+        kept_keys, kept_values, positions, sizes = press.compress(keys, values, torch.arange(40)[None], keep)
         assert kept_keys.shape[2] == kept_values.shape[2] == positions.shape[1] == keep
         assert float(sizes.sum()) == pytest.approx(40.0) and bool((positions[:, 1:] > positions[:, :-1]).all())
+
+
+# ------------------------------------------------------------------------------------- the paper's causal mode press
+@pytest.mark.parametrize("length", [40, 97, 256])
+def test_paper_press_keeps_exactly_the_budget_on_a_real_cache(length):
+    model = _llama()
+    _, cache = _prefilled(model, length)
+    rotary = lm.rotary_of(model)
+    for ratio in (0.75, 0.5, 0.25):
+        layer = cache.layers[1]
+        keep = round(ratio * length)
+        keys, values, positions, sizes = PAPER_PRESS.compress(layer.keys, layer.values, torch.arange(length)[None],
+                                                             keep, rotary)
+        assert keys.shape[2] == values.shape[2] == positions.shape[1] == sizes.shape[1] == keep
+        assert float(sizes.sum()) == pytest.approx(length) and bool((positions[:, 1:] > positions[:, :-1]).all())
+
+
+@pytest.mark.parametrize("keep", [30, 20, 9])
+def test_paper_press_never_lets_a_destination_absorb_a_later_token(keep):
+    """One-hot values track where every prompt token went (over all rounds): each kept entry is a convex
+    combination of tokens at or before its own position only, and every token is held by some entry."""
+    torch.manual_seed(3)
+    length = 40
+    keys, values = torch.randn(1, 1, length, length), torch.eye(length)[None, None]  # head dim = length
+    _, merged, positions, sizes = PAPER_PRESS.compress(keys, values, torch.arange(length)[None], keep)
+    members = merged[0, 0]  # (keep, length): the weight of each prompt token in each kept entry
+    later = torch.arange(length)[None] > positions[0].unsqueeze(1)
+    assert float(members[later].abs().max()) < 1e-6
+    assert float(members.min()) > -1e-6
+    torch.testing.assert_close(members.sum(1), torch.ones(keep), atol=1e-5, rtol=1e-5)
+    assert bool((members > 1e-6).any(0).all())
+    assert all(float(members[slot, positions[0, slot]]) > 0 for slot in range(keep))  # its own token stays in
+    assert bool((members[:, positions[0]].diagonal() < 1 - 1e-6).any())  # and some entries did absorb earlier ones
+
+
+def test_paper_press_joins_the_most_similar_later_destination_not_only_the_next():
+    """Section 5's mask allows any destination at or after the source: source 3 joins destination 10 (same
+    direction), which strict merging could not (3 may only join 4); the group sits at 10, its key re-rotated
+    there."""
+    model = _llama()
+    rotary = lm.rotary_of(model)
+    generator = torch.Generator().manual_seed(5)
+    positions = torch.arange(12)[None]
+    raw = torch.randn(1, 12, 2, 8, generator=generator)
+    raw[0, 10] = raw[0, 3] * 3.0
+    keys = lm.rotate(raw, *rotary(positions)).transpose(1, 2)
+    values = torch.randn(1, 2, 12, 8, generator=generator)
+    new_keys, new_values, new_positions, sizes = PAPER_PRESS.compress(keys, values, positions, 11, rotary)
+    assert new_positions[0].tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert sizes[0].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1]
+    expected = lm.rotate(((raw[0, 3] + raw[0, 10]) / 2)[None, None], *rotary(torch.tensor([[10]])))[0, 0]
+    # (W^F's eps of 1e-6 leaves the source a weight just under 1)
+    torch.testing.assert_close(new_keys[0, :, 9], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(new_values[0, :, 9], (values[0, :, 3] + values[0, :, 10]) / 2, atol=1e-4, rtol=1e-4)
+    strict_positions = lm.MamePress().compress(keys, values, positions, 11, rotary)[2]
+    assert 3 in strict_positions[0].tolist()  # strict merging keeps 3 apart here
+
+
+def _decode(model, cache, first: int, start: int, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens fed one at a time after a (pressed) cache, at the positions they have without compression."""
+    token, tokens, logits = torch.tensor([[first]]), [], []
+    with torch.no_grad():
+        for step in range(steps):
+            out = model(token, **{cache_argument(model): cache}, position_ids=torch.tensor([[start + step]]),
+                        use_cache=True).logits[:, -1]
+            token = out.argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            logits.append(out)
+    return tokens, torch.cat(logits)
+
+
+def test_generation_continues_after_the_paper_press():
+    """After the press the cache decodes like any other: new tokens are appended (never merged) at their unmerged
+    positions; at the full budget the press is a no-op and decoding equals the uncompressed model's exactly."""
+    model = _llama()
+    _, reference_cache = _prefilled(model)
+    expected_tokens, expected_logits = _decode(model, reference_cache, 7, 40, 5)
+    _, cache = _prefilled(model)
+    assert lm.press_cache(cache, PAPER_PRESS, 1.0, lm.rotary_of(model)) == [40] * 3
+    tokens, logits = _decode(model, cache, 7, 40, 5)
+    assert tokens == expected_tokens
+    torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)
+    _, cache = _prefilled(model)
+    assert lm.press_cache(cache, PAPER_PRESS, 0.5, lm.rotary_of(model)) == [20] * 3
+    tokens, logits = _decode(model, cache, 7, 40, 5)
+    assert len(tokens) == 5 and torch.isfinite(logits).all()
+    assert [int(cache.get_seq_length(i)) for i in range(3)] == [25] * 3
+
+
+def test_mame_press_refuses_an_unknown_causal_mode():
+    with pytest.raises(ValueError, match="causal"):
+        lm.MamePress(causal="bidirectional").compress(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4),
+                                                      torch.arange(8)[None], 4)

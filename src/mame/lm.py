@@ -15,6 +15,8 @@ Two forms of causal MaMe are measured side by side (`evaluate_prompt`):
   (NVIDIA kvpress's idea of a "press"): keys are un-rotated to their raw values, merged with values by strictly causal
   MaMe, and re-rotated at their destination's position; τ per layer and round by a quantile rule that meets the
   budget exactly.
+* ``mame-kv-paper`` (`MamePress` with ``causal="paper"``): the same press in the paper's causal mode (section 5: a
+  source may join any destination at or after its position), also at exactly the budget.
 
 Baselines at the same budget, on the same harness: StreamingLLM and KnormPress (`mame.baselines.kv`).
 """
@@ -177,17 +179,33 @@ def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 @dataclass(frozen=True)
 class MamePress:
-    """Strictly causal MaMe on a layer's cached keys and values (`KVPress`).
+    """Causal MaMe on a layer's cached keys and values (`KVPress`), strict or in the paper's causal mode.
 
     Keys are un-rotated (RoPE undone at their own positions), so that two tokens' keys can be compared and averaged;
-    each token's raw key and value are merged together by `mame.merge(..., causal="strict")` (a source joins the
-    destination right after it when their cosine similarity exceeds τ; by default the raw keys are the metric), the
+    each token's raw key and value are merged together by `mame.merge` (by default the raw keys are the metric), the
     merged sequence is put back in position order and its keys are re-rotated at their destination's position.
 
-    τ is set by a per-layer quantile rule: a round merges at most every other token, so ``keep`` is reached in
-    ``R = ceil(log2((K - s) / (keep - s)))`` rounds, each removing the same share of tokens; a round's τ lies
-    between the similarities of its n-th and (n+1)-th most similar (source, destination) pairs, n being the tokens it
-    must remove. The last round lands on ``keep`` exactly.
+    ``causal`` chooses which destinations a source may join:
+
+    * ``"strict"``: only the destination right after it, when their cosine similarity exceeds τ (prefix-causal).
+    * ``"paper"`` (section 5): any destination at or after its position whose similarity exceeds τ; W^F is masked
+      by "source position <= destination position" while its columns stay normalised over all destinations, so a
+      source similar to several later destinations is shared among them. Pruning (eqs 5-8) is off here: it zeroes a
+      column with a single candidate above τ, so the number of merged sources would not fall monotonically with τ
+      and no threshold could be read from the similarity quantiles; without it a source merges exactly when its best
+      later destination is above τ.
+
+    Either way a merged group's key and value sit at its destination's position, which is the latest of its members,
+    so every cached entry still precedes every new token: the pressed cache is decoded like an uncompressed one
+    (`press_cache` records each entry's position; new tokens keep the positions they would have had and are never
+    merged). That a paper-mode group depends on later prompt tokens does not matter after prefill, when the whole
+    prompt is known (the per-layer τ depends on the whole prompt in both modes).
+
+    τ is set by a per-layer quantile rule: a round merges only sources, at most every other token, so ``keep`` is
+    reached in ``R = ceil(log2((K - s) / (keep - s)))`` rounds, each removing the same share of tokens; a round's τ
+    lies between the n-th and (n+1)-th highest of the sources' best similarities (to the destination after it, or to
+    any later destination in paper mode), n being the tokens it must remove, so exactly n sources merge. The last
+    round lands on ``keep`` exactly.
 
     With ``extra_rounds`` more rounds than that minimum, each round removes fewer tokens, so only the most similar
     neighbours merge first and groups grow where tokens are alike (a single round at a 50 % budget must merge every
@@ -203,6 +221,7 @@ class MamePress:
         window: the last tokens that never merge (0 = none), capped at half the budget.
         keep_norms: give each merged key (per head) the mean norm of the keys it merged, not the shorter norm of
             their average.
+        causal: ``"strict"`` or ``"paper"`` (see above).
     """
 
     num_special: int = 1
@@ -211,6 +230,7 @@ class MamePress:
     extra_rounds: int = 2
     window: int = 0
     keep_norms: bool = False
+    causal: str = "strict"
     name: str = "mame-kv"
 
     def compress(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: int,
@@ -220,6 +240,8 @@ class MamePress:
             raise ValueError(f"MamePress compresses one sequence at a time, got a batch of {batch}")
         if self.metric not in ("keys", "keys_values"):
             raise ValueError(f"metric must be 'keys' or 'keys_values', got {self.metric!r}")
+        if self.causal not in ("strict", "paper"):
+            raise ValueError(f"causal must be 'strict' or 'paper', got {self.causal!r}")
         sizes = torch.ones(batch, length, device=keys.device)
         if keep >= length:
             return keys, values, positions, sizes
@@ -233,7 +255,10 @@ class MamePress:
         parts = [raw.flatten(2), values.transpose(1, 2).flatten(2)]
         if self.keep_norms:
             parts.append(torch.linalg.vector_norm(raw, dim=-1))
-        tokens = torch.cat(parts, dim=-1).float()
+        # Paper mode in float64: there every source's best of many destinations is ranked, and the repeated tokens
+        # of the first layer are told apart only by the tie-breaking perturbation (about 1e-6 in cosine), which
+        # float32's rounding of the similarities blurs, so a threshold between two of them would merge too many.
+        tokens = torch.cat(parts, dim=-1).to(torch.float64 if self.causal == "paper" else torch.float32)
         width = heads * dim
         window = min(self.window, keep // 2)
         older = length - window
@@ -266,20 +291,17 @@ class MamePress:
         # scale; the merged values themselves are untouched).
         noise = torch.randn(metric.shape, generator=torch.Generator().manual_seed(count)).to(metric.device)
         metric = metric + noise * (1e-3 * metric.abs().mean())
-        dst, src = partition_indices(count, special, "alternating", device=tokens.device)
-        nearest = torch.searchsorted(dst, src)  # the destination each source may join (strict causality)
-        paired = nearest < dst.numel()
-        a, b = metric[0, src[paired]], metric[0, dst[nearest[paired]]]
-        similarity = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
+        similarity = self._best_similarities(metric[0], special)
         rounds = max(rounds, math.ceil(math.log2((count - special) / (keep - special))))
         target = special + (count - special) * ((keep - special) / (count - special)) ** (1.0 / rounds)
         remove = min(similarity.numel(), max(1, count - max(keep, round(target))))
         ranked = torch.cat([similarity.sort(descending=True).values, similarity.new_tensor([-1.0])])
-        # Between the remove-th and the next similarity: `remove` pairs exceed it. The operator computes its own
-        # similarities (float32), so a round that would overshoot `keep` is retried with fewer merges.
+        # Between the remove-th and the next similarity: `remove` sources have a destination above it. The operator
+        # computes its own similarities (float32 in strict mode), so a round that would overshoot `keep` is retried
+        # with fewer merges.
         for _ in range(32):
             tau = min(max(float(ranked[remove - 1] + ranked[remove]) / 2, -1.0), 1.0)
-            merged, plan = merge(tokens, tau, special, causal="strict", sizes=sizes, metric=metric,
+            merged, plan = merge(tokens, tau, special, prune=False, causal=self.causal, sizes=sizes, metric=metric,
                                  size_weighted=self.size_weighted, check=False)
             if merged.shape[1] < keep and remove > 1:  # overshot: fewer merges
                 remove = max(1, remove - (keep - merged.shape[1]))
@@ -293,6 +315,23 @@ class MamePress:
         order, anchor, _ = position_order(plan, None, merged.shape[1])
         merged = merged.gather(1, order.unsqueeze(-1).expand(-1, -1, merged.shape[-1]))
         return merged, positions.gather(1, anchor), plan.sizes.gather(1, order)
+
+    def _best_similarities(self, metric: torch.Tensor, special: int) -> torch.Tensor:
+        """For each source of the alternating split of ``metric`` (K, c) that has a destination it may join, its
+        highest cosine similarity to one (float64): the source merges exactly when τ is below it."""
+        dst, src = partition_indices(metric.shape[0], special, "alternating", device=metric.device)
+        metric = metric.double()
+        if self.causal == "strict":
+            nearest = torch.searchsorted(dst, src)  # the destination right after each source
+            paired = nearest < dst.numel()
+            return torch.nn.functional.cosine_similarity(metric[src[paired]], metric[dst[nearest[paired]]], dim=-1,
+                                                         eps=1e-12)
+        # As `mame.fusion_weights` computes them, so that the threshold falls between the same values.
+        norms = torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+        similarity = (metric[dst] @ metric[src].T) / (norms[dst] * norms[src].T)  # (M, N)
+        later = dst.unsqueeze(1) >= src.unsqueeze(0)  # the paper's mask: the destination is at or after the source
+        best = similarity.masked_fill(~later, -math.inf).amax(dim=0)
+        return best[later.any(dim=0)]  # a source after the last destination can never merge
 
 
 def press_cache(cache: object, press: KVPress, keep_ratio: float, rotary: Rotary | None = None) -> list[int]:
@@ -407,7 +446,8 @@ class LMResult:
     """One method at one KV budget on one prompt (`evaluate_prompt`).
 
     Attributes:
-        method: ``full``, ``mame`` (hidden states), ``mame-kv`` (press), ``streaming-llm``, ``knorm``.
+        method: ``full``, ``mame`` (hidden states), ``mame-kv`` / ``mame-kv-paper`` (strict / paper-causal
+            press), ``streaming-llm``, ``knorm``.
         budget: the KV budget (fraction of the prompt's KV length); 1 for ``full``.
         prompt_tokens: prompt length.
         kv_fraction: mean cached keys over layers / prompt length, as reached.
@@ -492,7 +532,17 @@ def _prefill(model: nn.Module, prompt: torch.Tensor) -> tuple[object, torch.Tens
     return output_cache(output), output.logits[:, -1]
 
 
-METHODS = ("mame", "mame-kv", "streaming-llm", "knorm")
+METHODS = ("mame", "mame-kv", "mame-kv-paper", "streaming-llm", "knorm")
+
+
+def _presses(press_options: dict | None) -> dict[str, KVPress]:
+    """The press of every press method; ``press_options`` (`MamePress` fields) apply to both MaMe presses."""
+    from mame.baselines.kv import KnormPress, StreamingLLMPress
+
+    options = press_options or {}
+    return {"mame-kv": MamePress(**options),
+            "mame-kv-paper": MamePress(**{**options, "causal": "paper", "name": "mame-kv-paper"}),
+            "streaming-llm": StreamingLLMPress(), "knorm": KnormPress()}
 
 
 def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.Tensor, budgets: Sequence[float],
@@ -504,7 +554,6 @@ def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.
     ``paired_timing`` each method's prefill is timed right after an uncompressed one (else against the first
     uncompressed prefill only, which saves a prefill per method and budget). The model is patched and unpatched in
     place for the hidden-state form and left unpatched."""
-    from mame.baselines.kv import KnormPress, StreamingLLMPress
     from mame.patch import causal_lm
     from mame.patch.base import unpatch
 
@@ -513,7 +562,6 @@ def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     # Proportional attention off: measured slightly better for hidden-state merging in SmolLM2.
     hidden_options = {"proportional_attention": False, **(hidden_options or {})}
-    press_options = press_options or {}
     unpatch(model)
     length = prompt.shape[1]
     rotary = rotary_of(model)
@@ -522,7 +570,7 @@ def evaluate_prompt(model: nn.Module, prompt: torch.Tensor, continuation: torch.
     nll_full = _continuation_nll(model, copy.deepcopy(full_cache), full_logits, continuation, length)
     reference, full_decode = _greedy(model, full_cache, full_logits, length, greedy_tokens)
     results = [LMResult("full", 1.0, length, 1.0, [length] * depth, nll_full, nll_full, 1.0, greedy_tokens, 1.0, 1.0)]
-    presses = {"mame-kv": MamePress(**press_options), "streaming-llm": StreamingLLMPress(), "knorm": KnormPress()}
+    presses = _presses(press_options)
     for budget in budgets:
         for method in methods:
             if progress is not None:
@@ -672,7 +720,6 @@ def time_prompt(model: nn.Module, prompt: torch.Tensor, budget: float, methods: 
     The hidden-state form's τ is fitted first (not timed). Returns ``{method: {"prefill": ..., "decode": ...}}``."""
     import statistics
 
-    from mame.baselines.kv import KnormPress, StreamingLLMPress
     from mame.patch import causal_lm
     from mame.patch.base import unpatch
 
@@ -681,8 +728,7 @@ def time_prompt(model: nn.Module, prompt: torch.Tensor, budget: float, methods: 
     length = prompt.shape[1]
     rotary = rotary_of(model)
     depth = model.config.num_hidden_layers
-    presses = {"mame-kv": MamePress(**(press_options or {})), "streaming-llm": StreamingLLMPress(),
-               "knorm": KnormPress()}
+    presses = _presses(press_options)
     results = {}
     for method in methods:
         patch = None
