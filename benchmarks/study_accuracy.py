@@ -95,7 +95,12 @@ def _option(name: str, what: str, per_block: bool = True, layers: int | None = N
 
 # Proportional attention is on and size-weighted fusion off unless said (the patch defaults at the time of the study);
 # every option spells out what it changes.
+# The options below name their differences from the paper's operator, so they start from its preset.
+PAPER = {"preset": "paper"}
 OPTIONS = {option.name: option for option in [
+    _option("default", "the library's default, `mame.patch.timm(model, flops=target)`: every image merges the same "
+            "share of its tokens in every block at its own threshold (geometric schedule, all 12 blocks), keys, no "
+            "pruning; nothing fitted", prototype="budget"),
     _option("default-tau0.8", "today's default: τ = 0.8 on the first 8 blocks, metric x (not fitted)",
             per_block=False, layers=8, fixed_tau=0.8),
     _option("shared-x-8", "one τ fitted for the target, first 8 blocks, metric x (the paper's operator)",
@@ -266,7 +271,7 @@ def fit_shares(model: nn.Module, images: torch.Tensor, option: Option, target: f
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
 
     def ratio(final_share: float) -> float:
-        net = mame.patch.timm(copy.deepcopy(model), tau=1.0, layers=layers, **option.patch)
+        net = mame.patch.timm(copy.deepcopy(model), tau=1.0, layers=layers, **PAPER, **option.patch)
         install_prototype(net, "share", block_shares(option.calibrate["schedule"], tokens, model.num_prefix_tokens,
                                                      len(net.mame.layers), final_share))
         return base_flops / count_flops(net, images)
@@ -494,21 +499,25 @@ def run(args: argparse.Namespace) -> None:
         else:
             option = OPTIONS[name]
             row |= {"kind": "mame", "patch": option.patch, "calibrate": option.calibrate}
-            if option.fixed_tau is not None:
+            if option.prototype == "budget":
+                target = float(setting[1:])
+                mame.patch.timm(net, flops=target, **option.patch)
+                row |= {"target": target, "taus": [net.blocks[0]._mame_merger.share] * len(net.blocks)}
+            elif option.fixed_tau is not None:
                 layers = option.calibrate["layers"]
-                mame.patch.timm(net, tau=option.fixed_tau, layers=layers, **option.patch)
+                mame.patch.timm(net, tau=option.fixed_tau, layers=layers, **PAPER, **option.patch)
                 row |= {"taus": [option.fixed_tau] * layers}
             elif option.prototype == "share":
                 target = float(setting[1:])
                 shares, reached = fit_shares(net, calib_input, option, target)
                 mame.patch.timm(net, tau=1.0, layers=option.calibrate.get("layers") or len(net.blocks),
-                                **option.patch)
+                                **PAPER, **option.patch)
                 install_prototype(net, "share", shares)
                 row |= {"target": target, "shares": shares, "taus": shares, "calib_flop_ratio": reached}
             else:
                 target = float(setting[1:])
                 result = calibrate(net, calib_input, target_flops=target, progress=False, **option.calibrate,
-                                   **option.patch)
+                                   **PAPER, **option.patch)
                 row |= {"target": target, "taus": list(result.taus), "calib_flop_ratio": result.flop_ratio,
                         "calib_tokens_per_block": list(result.tokens_per_block)}
                 if option.prototype == "protect":

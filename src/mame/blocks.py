@@ -186,10 +186,21 @@ class MameMerge:
     check_finite: bool = False
     metric: str = "x"
     discard_preserved: bool = False  # drop preserved sources: every merge keeps exactly the destinations (2:1)
+    share: float | None = None  # a budget instead of tau: each sample merges this share of its mergeable tokens
 
     @property
     def needs_keys(self) -> bool:
         return self.metric != "x"
+
+    def merge_count(self, x: torch.Tensor, state: TokenState) -> torch.Tensor | None:
+        """(B,) sources each sample merges under ``share`` (of its real tokens other than the special ones), or
+        None for the threshold ``tau``."""
+        if self.share is None:
+            return None
+        special = state.num_special
+        real = (torch.full((x.shape[0],), x.shape[1] - special, device=x.device) if state.mask is None
+                else state.mask[:, special:].sum(1))
+        return (real.float() * self.share).round().long()
 
     def kept_tokens(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None,
                     tau: float | None = None) -> torch.Tensor:
@@ -201,7 +212,7 @@ class MameMerge:
             stand_in, self.tau if tau is None else tau, state.num_special, self.partition, self.prune,
             self.batch_rule, self.causal, self.eps, dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes,
             mask=state.mask, size_weighted=self.size_weighted, check=False, discard_preserved=self.discard_preserved,
-            metric=x if metric is None else metric)[1].lengths
+            metric=x if metric is None else metric, merge_count=self.merge_count(x, state))[1].lengths
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
         if self.check_finite and not bool(torch.isfinite(x if state.mask is None else x[state.mask]).all()):
@@ -210,7 +221,7 @@ class MameMerge:
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
             size_weighted=self.size_weighted, check=False, metric=_metric(self.metric, keys),
-            discard_preserved=self.discard_preserved)
+            discard_preserved=self.discard_preserved, merge_count=self.merge_count(x, state))
         # Samples of equal length need no padding mask: attention then runs without a bias, the MLP unpacked.
         state.sizes = plan.sizes.detach()  # bookkeeping, see `TokenState.sizes`
         state.mask = None if plan.mask is None or bool(plan.mask.all()) else plan.mask

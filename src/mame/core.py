@@ -125,11 +125,14 @@ def fusion_weights(
     prune: bool = True,
     eps: float = 1e-6,
     pair_mask: torch.Tensor | None = None,
+    merge_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eqs 2-8: the fusion matrix W^F (B, M, N) from destination (B, M, d) and source (B, N, d) features.
 
     ``pair_mask`` (broadcastable to (B, M, N), 1 = allowed) zeroes pairs before normalisation (used for padding and
-    for strictly causal merging). Computed in float32 when the input is half precision.
+    for strictly causal merging). ``merge_count`` (B,) replaces ``tau`` by a budget: each sample gets its own
+    threshold so that exactly its ``merge_count`` most similar sources merge (`budget_threshold`). Computed in
+    float32 when the input is half precision.
     """
     if x_dst.dtype in (torch.float16, torch.bfloat16):
         x_dst, x_src = x_dst.float(), x_src.float()
@@ -141,7 +144,12 @@ def fusion_weights(
     # Eq 3 with the cosine clamped to 1 first (rounding can push it past 1, and tau = 1 would then still merge):
     # relu(min(s, 1) - tau) = clamp(s - tau, 0, 1 - tau). In-place steps below only touch fresh temporaries whose
     # old values autograd does not need; they save a buffer each, which counts at one image per call.
-    sparse = (similarity - tau).clamp_(0.0, 1.0 - tau)
+    if merge_count is None:
+        sparse = (similarity - tau).clamp_(0.0, 1.0 - tau)
+    else:
+        sample_tau, chosen = budget_threshold(similarity, merge_count, prune, pair_mask)
+        sparse = torch.minimum((similarity - sample_tau).clamp_(min=0.0), 1.0 - sample_tau)
+        pair_mask = chosen if pair_mask is None else pair_mask * chosen
     if pair_mask is not None:
         sparse = sparse * pair_mask
     weights = sparse / sparse.sum(dim=-2, keepdim=True).add_(eps)  # eq 4
@@ -151,6 +159,40 @@ def fusion_weights(
     zeta = weights.sum(dim=-2, keepdim=True) / count.add_(eps)  # eq 5
     pruned = (weights - zeta).relu_()  # eq 7
     return pruned / pruned.sum(dim=-2, keepdim=True).add_(eps)  # eq 8
+
+
+def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor, prune: bool,
+                     pair_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample thresholds that merge exactly ``merge_count`` (B,) sources of each sample (beyond the paper: its
+    stated future work, a threshold set by a budget instead of by hand).
+
+    A source merges when eq 3 leaves it a weight: its best destination passes τ, or, with pruning, its second best
+    (eqs 5-8 zero a column with a single weight). Sources are ranked by that similarity (ties by position) and each
+    sample's τ is set midway between its last chosen and first left-out source (at most 1e-3 below the last chosen
+    one, so ties still merge), so eqs 3-8 weigh the chosen sources as a hand-set τ there would.
+
+    Returns:
+        ``(tau, chosen)``: (B, 1, 1) thresholds, and a (B, 1, N) 0/1 mask of the chosen sources (the columns of the
+        others are zeroed, so ties past the budget never merge).
+    """
+    allowed = similarity if pair_mask is None else similarity.masked_fill(pair_mask == 0, -math.inf)
+    if prune and allowed.shape[1] < 2:  # a single destination: eqs 5-8 prune every weight
+        key = torch.full_like(allowed[:, 0], -math.inf)
+    else:  # (B, N) what each source must pass to merge
+        rank_by = 2 if prune else 1
+        key = allowed.topk(rank_by, dim=1).values[:, rank_by - 1]
+    order = key.argsort(dim=1, descending=True, stable=True)
+    ordered = key.gather(1, order)
+    mergeable = torch.isfinite(ordered).sum(1)
+    count = torch.minimum(merge_count.to(mergeable.device).long(), mergeable)
+    last_in = ordered.gather(1, (count - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    first_out = ordered.gather(1, count.clamp_max(ordered.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    first_out = torch.where(count < mergeable, first_out, torch.full_like(first_out, -1.0))
+    tau = torch.minimum((last_in + first_out) / 2, last_in - 1e-3)
+    tau = torch.where(count > 0, tau, torch.ones_like(tau)).clamp(-1.0, 1.0)
+    rank = order.argsort(dim=1)
+    chosen = (rank < count.unsqueeze(1)).unsqueeze(1).to(similarity.dtype)
+    return tau.view(-1, 1, 1), chosen
 
 
 @dataclass
@@ -400,6 +442,7 @@ def merge(
     metric: torch.Tensor | None = None,
     size_weighted: bool = False,
     discard_preserved: bool = False,
+    merge_count: torch.Tensor | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, FusionPlan]:
     """Merge redundant tokens with MaMe (eqs 1-10).
@@ -430,6 +473,8 @@ def merge(
         size_weighted: weigh each token by its size when fusing (beyond the paper; equal to eq 9 when sizes are 1).
         discard_preserved: drop preserved sources instead of keeping them (the downsampling layer of hierarchical
             models, section 4: "we had to discard the preserved source tokens").
+        merge_count: (B,) a budget instead of ``tau``: each sample merges exactly this many of its sources (fewer
+            when it has fewer real ones), at its own threshold (`budget_threshold`). Not with ``causal``.
         check: validate the arguments and scan ``x`` for NaN and Inf; patched blocks check their settings once at patch
             time and pass False, since the NaN scan alone costs a pass over the tokens in every block.
 
@@ -439,6 +484,8 @@ def merge(
     if check:
         _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio)
         _check_aligned(x, num_special, partition, sizes, mask, metric)
+        if merge_count is not None and (causal or merge_count.shape != (x.shape[0],)):
+            raise ValueError("merge_count must be a (B,) tensor of counts, and cannot be combined with causal")
     batch, length, _ = x.shape
     device = x.device
     split = token_split(length, num_special, partition, float(dst_ratio), seed, str(device))
@@ -463,7 +510,7 @@ def merge(
         metric_dst, metric_src = x_dst, x_src
     else:
         metric_dst, metric_src = split.dst(metric), split.src(metric)
-    weights = fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask)
+    weights = fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask, merge_count)
     if causal in (True, "paper"):
         weights = weights * (src_idx.unsqueeze(0) <= dst_idx.unsqueeze(1))  # section 5
 

@@ -24,10 +24,10 @@ from mame.bench import SpeedResult, Variant
 from mame.data import FitMode
 
 DEFAULT_VARIANTS = (
-    Variant("MaMe τ=0.7", "mame", {"tau": 0.7, "layers": 8}),
-    Variant("MaMe τ=0.8", "mame", {"tau": 0.8, "layers": 8}),
-    Variant("MaMe τ=0.9", "mame", {"tau": 0.9, "layers": 8}),
-    Variant("MaMe τ=0.8, paper batch rule", "mame", {"tau": 0.8, "layers": 8, "batch_rule": "any"}),
+    Variant("MaMe default (2x FLOPs)", "mame", {}),
+    Variant("MaMe 3x FLOPs", "mame", {"flops": 3.0}),
+    Variant("MaMe paper τ=0.8", "mame", {"preset": "paper"}),
+    Variant("MaMe paper τ=0.8, paper batch rule", "mame", {"preset": "paper", "batch_rule": "any"}),
     Variant("ToMe r=8", "tome", {"r": 8}),
     Variant("ToMe r=16", "tome", {"r": 16}),
 )
@@ -92,11 +92,11 @@ def run(
     console.print("FLOP ratio: the speed-up if time followed FLOPs. Merge-free bound: the speed-up of the same model "
                   "with its merges made free (same token counts per photo), the most any implementation of them can "
                   "reach on this machine; small matrices run at fewer FLOP/s, so it sits below the FLOP ratio.")
-    cosine = unmerge_fidelity(model, x, tau=0.8)
-    console.print(f"dense outputs: MaMe τ=0.8 patch features unmerged to the full 16x16 grid vs the unmodified "
-                  f"model's: mean cosine {cosine:.4f} over {len(x)} photos")
+    cosine = unmerge_fidelity(model, x)
+    console.print(f"dense outputs: MaMe default (2x FLOPs) patch features unmerged to the full 16x16 grid vs the "
+                  f"unmodified model's: mean cosine {cosine:.4f} over {len(x)} photos")
     path = write_merge_maps(model, photos[:2], Path(out_dir) / "merge_map.png", fit=fit)
-    console.print(f"merge maps of two photos (MaMe τ = 0.7 / 0.8 / 0.9, first 8 blocks): [bold]{path}[/]")
+    console.print(f"merge maps of two photos (MaMe at 1.5x / 2x / 3x FLOPs, after the last block): [bold]{path}[/]")
     return rows
 
 
@@ -107,9 +107,10 @@ def _cls_cosine(model: torch.nn.Module, variant: Variant, x: torch.Tensor, refer
         return float(F.cosine_similarity(patched(x), reference).mean())
 
 
-def unmerge_fidelity(model: torch.nn.Module, x: torch.Tensor, tau: float, layers: int = 8) -> float:
-    """Mean cosine between unmerged per-patch features of a MaMe model and the unmodified model's patch features."""
-    patched = mame.patch.timm(copy.deepcopy(model), tau=tau, layers=layers)
+def unmerge_fidelity(model: torch.nn.Module, x: torch.Tensor, **patch: object) -> float:
+    """Mean cosine between unmerged per-patch features of a MaMe model (`mame.patch.timm` with ``patch``; default
+    its default) and the unmodified model's patch features."""
+    patched = mame.patch.timm(copy.deepcopy(model), **patch)
     with torch.inference_mode():
         reference = model.forward_features(x)
         unmerged = patched.mame.unmerge(patched.forward_features(x))
@@ -140,23 +141,23 @@ def _table(rows: Sequence[DemoRow], batch: int, unmodified_tokens: Sequence[floa
     return table
 
 
-def write_merge_maps(model: torch.nn.Module, photos, path: Path, taus: Sequence[float] = (0.7, 0.8, 0.9),
+def write_merge_maps(model: torch.nn.Module, photos, path: Path, budgets: Sequence[float] = (1.5, 2.0, 3.0),
                      fit: FitMode = "center_crop") -> Path:
-    """One row per photo: the input as the model sees it (``fit``), then its merge map after the MaMe blocks for
-    each τ."""
+    """One row per photo: the input as the model sees it (``fit``), then its merge map after the last block for
+    each FLOP budget of the default MaMe patch."""
     grid = model.patch_embed.grid_size[0]
     rows = []
     for _, image in photos:
         x = data.preprocess([image], model=model, mode=fit)
         shown = data.fit_image(image, model=model, mode=fit)
         row = [shown]
-        for tau in taus:
-            patched = mame.patch.timm(copy.deepcopy(model), tau=tau, layers=8)
+        for flops in budgets:
+            patched = mame.patch.timm(copy.deepcopy(model), flops=flops)
             with torch.inference_mode():
                 patched(x)
             row.append(viz.merge_map(shown, patched.mame.source_map[0], model.num_prefix_tokens, grid))
         rows.append(row)
-    labels = ["input"] + [f"MaMe tau={tau}" for tau in taus]
+    labels = ["input"] + [f"MaMe {flops:g}x FLOPs" for flops in budgets]
     return viz.save_grid(rows, labels, path)
 
 

@@ -3,7 +3,7 @@ patch time and installed through `mame.patch.base.install` (`install_mame`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -44,11 +44,38 @@ def resolve_taus(tau: float | Sequence[float], count: int) -> tuple[float, ...]:
     return tuple(check_tau(value) for value in taus)
 
 
+PRESETS = ("default", "paper")
+DEFAULT_FLOPS = 2.0  # the budget of `patch_timm` when neither tau nor flops is given
+
+
+def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int | Sequence[int] | None,
+                   flops: float | None, metric: str | None, prune: bool | None, depth: int) -> dict:
+    """The patch arguments a preset fills in where the caller left them out (None).
+
+    ``"default"``: the settings that kept accuracy best at a given FLOP ratio in benchmarks/accuracy_study.md: the
+    attention keys as metric, no pruning, every block, and a FLOP budget (``DEFAULT_FLOPS``) when no τ is given.
+    ``"paper"``: the paper's literal operator: the tokens as metric, pruning (eqs 5-8), τ = 0.8 on the first 8
+    blocks. Returns ``tau``, ``flops`` (one of them None), ``layers``, ``metric`` and ``prune``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if tau is not None and flops is not None:
+        raise ValueError("give tau (similarity thresholds) or flops (a FLOP budget), not both")
+    paper = preset == "paper"
+    if tau is None and flops is None:
+        tau, flops = (0.8, None) if paper else (None, DEFAULT_FLOPS)
+    return dict(tau=tau, flops=flops, layers=(8 if paper else depth) if layers is None else layers,
+                metric=("x" if paper else "keys") if metric is None else metric,
+                prune=paper if prune is None else prune)
+
+
 def mame_mergers(
     layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
     causal: bool | str, size_weighted: bool, check: bool = False, metric: str = "x", discard_preserved: bool = False,
+    share: float | None = None,
 ) -> dict[int, Merger]:
-    """One checked `MameMerge` per patched block (``discard_preserved``: the 2:1 rule, see `patch_timm`)."""
+    """One checked `MameMerge` per patched block (``discard_preserved``: the 2:1 rule, see `patch_timm`; ``share``:
+    a budget, see `mame.budget`, in place of ``taus``)."""
     check_options(partition, batch_rule, causal)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -61,7 +88,7 @@ def mame_mergers(
     return {
         index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
                          size_weighted=size_weighted, check_finite=check, metric=metric,
-                         discard_preserved=discard_preserved)
+                         discard_preserved=discard_preserved, share=share)
         for index, t in zip(layers, taus)
     }
 
@@ -70,16 +97,26 @@ def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout,
                  model_mixin: type[ScopedForward], *, tau: float | Sequence[float], layers: int | Sequence[int],
                  batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
                  packed: bool, check: bool, metric: str, scoped: nn.Module | None = None,
-                 discard_preserved: bool = False) -> nn.Module:
+                 discard_preserved: bool = False, flops: float | None = None,
+                 budget: Callable[[tuple[int, ...], float], float] | None = None) -> nn.Module:
     """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``
-    (``scoped``: see `mame.patch.base.install`)."""
+    (``scoped``: see `mame.patch.base.install`). With ``flops`` instead of ``tau``, ``budget(layers, flops)`` gives
+    the share of tokens each merging block removes (`mame.budget.share_for_flops` on the family's block costs)."""
     indices = resolve_layers(layers, len(blocks))
-    taus = resolve_taus(tau, len(indices))
+    share = None
+    if flops is not None:
+        if budget is None:
+            raise ValueError("this model family takes a similarity threshold tau, not a FLOP budget")
+        share, taus = budget(indices, flops), (1.0,) * len(indices)
+    else:
+        taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
                            size_weighted=size_weighted, check=check, metric=metric,
-                           discard_preserved=discard_preserved)
-    settings = dict(method="mame", tau=taus, layers=indices, batch_rule=batch_rule, partition=partition, prune=prune,
-                    size_weighted=size_weighted, proportional_attention=proportional_attention, metric=metric)
+                           discard_preserved=discard_preserved, share=share)
+    thresholds = dict(tau=taus) if share is None else dict(flops=float(flops))
+    settings = dict(method="mame", **thresholds, layers=indices, batch_rule=batch_rule, partition=partition,
+                    prune=prune, size_weighted=size_weighted, proportional_attention=proportional_attention,
+                    metric=metric)
     if discard_preserved:  # only when set, so the saved thresholds of other families stay valid patch arguments
         settings["discard_preserved"] = True
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=packed)

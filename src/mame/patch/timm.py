@@ -7,15 +7,17 @@ size (so merged and unmerged models pool the same image area) and attention pool
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
+from mame.budget import BlockCost, linear_flops_per_token, share_for_flops
 from mame.patch.base import ScopedForward
-from mame.patch.options import install_mame
+from mame.patch.options import install_mame, resolve_preset
 
 
 
@@ -159,34 +161,72 @@ def pool_tokens(model: nn.Module, x: torch.Tensor, sizes: torch.Tensor, pool_typ
     return {"avg": avg, "max": peak, "avgmax": 0.5 * (avg + peak)}[pool_type]
 
 
+def timm_budget(model: nn.Module, metric: str) -> Callable[[tuple[int, ...], float], float]:
+    """``budget(layers, flops)`` for `install_mame`: the share of tokens each merging block removes for a FLOP
+    ratio of ``flops`` at the model's own input size (`mame.budget`)."""
+    attn = model.blocks[0].attn
+    width = attn.num_heads * attn.head_dim
+    metric_width = {"x": model.embed_dim, "keys_mean": attn.head_dim}.get(metric, width)
+    cost = BlockCost(linear_flops_per_token(attn), linear_flops_per_token(model.blocks[0].mlp), width, metric_width)
+    embed = model.patch_embed
+    patches = embed.num_patches
+    conv = embed.proj
+    fixed = (2 * patches * conv.in_channels * conv.out_channels * math.prod(conv.kernel_size) // conv.groups
+             if isinstance(conv, nn.Conv2d) else 0)
+
+    def budget(layers: tuple[int, ...], flops: float) -> float:
+        return share_for_flops(flops, cost, patches + model.num_prefix_tokens, model.num_prefix_tokens, layers,
+                               len(model.blocks), fixed)
+
+    return budget
+
+
 def patch_timm(
     model: nn.Module,
-    tau: float | Sequence[float] = 0.8,
-    layers: int | Sequence[int] = 8,
+    tau: float | Sequence[float] | None = None,
+    layers: int | Sequence[int] | None = None,
     *,
+    flops: float | None = None,
+    preset: str = "default",
     batch_rule: str = "per_sample",
     partition: str = "alternating",
-    prune: bool = True,
+    prune: bool | None = None,
     size_weighted: bool = False,
     proportional_attention: bool = True,
     packed: bool = True,
     check: bool = False,
-    metric: str = "x",
+    metric: str | None = None,
     discard_preserved: bool = False,
 ) -> nn.Module:
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
 
+    ``mame.patch.timm(model)`` halves the FLOPs: every block merges the same share of each image's tokens, each image
+    at its own threshold, compared on the attention keys without pruning (the choices that kept accuracy best at a
+    given FLOP ratio, benchmarks/accuracy_study.md). ``mame.patch.timm(model, preset="paper")`` is the paper's
+    operator as written: τ = 0.8 on the first 8 blocks, the tokens as metric, pruning. `mame.calibrate` fits one
+    threshold per block for a target on your own images instead.
+
     Args:
         model: a timm ``VisionTransformer`` (DeiT, AugReg, MAE, DINOv2 with LayerScale, with registers, any of the
             ``token``/``avg``/``map`` pools). Its ``num_prefix_tokens`` special tokens never merge.
-        tau: similarity threshold, one float or one per patched block; 0.8 is the paper's training-free setting.
-        layers: an int K (the first K blocks; the paper uses 8) or a list of block indices.
+        tau: similarity threshold, one float or one per patched block (0.8 is the paper's training-free setting).
+            Not with ``flops``.
+        layers: an int K (the first K blocks; the paper uses 8) or a list of block indices. Default: every block
+            (``preset="paper"``: the first 8).
+        flops: a FLOP budget instead of τ: the FLOP ratio (unmodified / merged, e.g. 2.0 = half) at the model's
+            input size, counted as `mame.bench` counts it. Every merging block removes the same share of the
+            mergeable tokens reaching it, and each image merges its most similar sources at its own threshold
+            (`mame.core.budget_threshold`), so the ratio does not depend on the images and a batch stays rectangular.
+            Default 2.0 when τ is not given either (``preset="default"``).
+        preset: ``"default"`` or ``"paper"``; it fills in ``tau``/``flops``, ``layers``, ``metric`` and ``prune``
+            where they are not given (see `mame.patch.options.resolve_preset`).
         batch_rule: ``"per_sample"`` (default: each image keeps its own tokens; the batch becomes ragged and is
             carried with a key-padding mask in SDPA and a packed MLP, and every image gets the result it would get
             alone) or ``"any"`` (the paper's batch-wide rule: a token kept by one image is kept for all, which
             throws the speed-up away on varied batches).
         partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"``.
-        prune: the adaptive weight pruning of eqs 5-8.
+        prune: the adaptive weight pruning of eqs 5-8. Default off (``preset="paper"``: on): with pruning a source
+            near a single destination is kept, so a threshold has to drop further for the same budget.
         size_weighted: a token standing for k patches weighs k in later merges. Off by default: on Fashion-MNIST
             k-NN / linear probe it did not help at τ >= 0.8 (`mame eval`, see the README).
         proportional_attention: add log(size) to the attention logits (as ToMe does), so a merged token keeps the
@@ -195,8 +235,8 @@ def patch_timm(
         packed: on ragged batches (per-sample merging) run every token-wise step of a block on the real tokens
             only, and attention on groups of samples of similar length (`mame.attention`); off = the padded batch.
         metric: what the similarity is computed on: ``"x"`` (the tokens themselves, the paper's eq 2),
-            ``"keys"`` (the block's attention keys, all heads side by side) or ``"keys_mean"`` (the keys averaged
-            over heads, ToMe's metric). The tokens are fused either way.
+            ``"keys"`` (the block's attention keys, all heads side by side; the default) or ``"keys_mean"`` (the
+            keys averaged over heads, ToMe's metric). The tokens are fused either way.
         check: scan the tokens for NaN and Inf before every merge and raise a ValueError. Off by default, like
             the patched forward's other checks (one pass over the tokens per merge); without it NaN input gives NaN
             output, as in the unpatched model.
@@ -208,8 +248,9 @@ def patch_timm(
         the same model, patched; ``model.mame`` holds the settings and ``model.mame.last_token_counts``.
     """
     check_model(model)
-    return install_mame(model, list(model.blocks), TIMM_LAYOUT, model.num_prefix_tokens, PatchedViT, tau=tau,
-                        layers=layers, batch_rule=batch_rule, partition=partition, prune=prune,
-                        size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
-                        check=check, metric=metric, discard_preserved=discard_preserved)
+    chosen = resolve_preset(preset, tau, layers, flops, metric, prune, len(model.blocks))
+    return install_mame(model, list(model.blocks), TIMM_LAYOUT, model.num_prefix_tokens, PatchedViT,
+                        batch_rule=batch_rule, partition=partition, size_weighted=size_weighted,
+                        proportional_attention=proportional_attention, packed=packed, check=check,
+                        discard_preserved=discard_preserved, budget=timm_budget(model, chosen["metric"]), **chosen)
 

@@ -1,0 +1,146 @@
+"""FLOP budgets (`mame.budget`, `mame.core.budget_threshold`, ``mame.patch.timm(model, flops=…)``, the default)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mame
+import mame.calibrate
+from mame.bench import count_flops
+from mame.core import budget_threshold, token_split
+
+
+def test_budget_threshold_hand_computed():
+    # One sample, 2 destinations x 3 sources: best similarities per source 0.9, 0.5, 0.7.
+    similarity = torch.tensor([[[0.9, 0.1, 0.7],
+                                [0.2, 0.5, 0.3]]])
+    tau, chosen = budget_threshold(similarity, torch.tensor([2]), prune=False)
+    # The two most similar sources are 0 and 2; τ halfway between the last chosen (0.7) and first left out (0.5).
+    assert torch.equal(chosen, torch.tensor([[[1.0, 0.0, 1.0]]]))
+    assert torch.allclose(tau.flatten(), torch.tensor([0.6]))
+    # With pruning a source needs a second destination past τ: second-best 0.2, 0.1, 0.3 -> sources 2 then 0.
+    tau, chosen = budget_threshold(similarity, torch.tensor([1]), prune=True)
+    assert torch.equal(chosen, torch.tensor([[[0.0, 0.0, 1.0]]]))
+    assert torch.allclose(tau.flatten(), torch.tensor([0.25]))
+    # Count 0 merges nothing (τ = 1); a count past the sources merges them all (τ halfway to -1).
+    tau, chosen = budget_threshold(similarity, torch.tensor([0]), prune=False)
+    assert tau.item() == 1.0 and chosen.sum() == 0
+    tau, chosen = budget_threshold(similarity, torch.tensor([9]), prune=False)
+    assert chosen.sum() == 3 and torch.allclose(tau.flatten(), torch.tensor([-0.25]))
+
+
+def test_budget_merges_exactly_the_count_with_ties():
+    # Every token identical: every similarity is 1, a hand-set τ merges all or nothing; a budget merges the count.
+    x = torch.ones(2, 9, 4)
+    for count in (0, 1, 3, 4):
+        y, plan = mame.merge(x, num_special=1, prune=False, batch_rule="per_sample",
+                             merge_count=torch.tensor([count, count]))
+        assert plan.lengths.tolist() == [9 - count] * 2
+        torch.testing.assert_close(y, torch.ones_like(y))
+        torch.testing.assert_close(plan.sizes.sum(1), torch.full((2,), 9.0))
+
+
+def test_budget_equals_the_hand_set_threshold_it_chose():
+    x = torch.randn(3, 17, 8, generator=torch.Generator().manual_seed(0))
+    counts = torch.tensor([2, 5, 7])
+    y, plan = mame.merge(x, num_special=1, prune=False, batch_rule="per_sample", merge_count=counts)
+    assert (17 - plan.lengths).tolist() == counts.tolist()
+    split = token_split(17, 1, "alternating", 0.5, 0, "cpu")
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    similarity = split.dst(unit) @ split.src(unit).mT
+    taus, _ = budget_threshold(similarity, counts, prune=False)
+    for b in range(3):
+        alone, alone_plan = mame.merge(x[b:b + 1], float(taus[b]), num_special=1, prune=False)
+        assert alone_plan.num_tokens_out == int(plan.lengths[b])
+        torch.testing.assert_close(y[b, :alone_plan.num_tokens_out], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(4, 20), count=st.integers(0, 12), prune=st.booleans(), seed=st.integers(0, 1000),
+       pad=st.integers(0, 3))
+def test_budget_count_property(length, count, prune, seed, pad):
+    x = torch.randn(2, length, 6, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.bool)
+    real = max(length - pad, 3)
+    mask[1, real:] = False
+    y, plan = mame.merge(x, num_special=1, prune=prune, batch_rule="per_sample", mask=mask,
+                         merge_count=torch.tensor([count, count]))
+    for b, tokens in enumerate((length, real)):
+        sources = tokens // 2  # the alternating split makes the first of the tokens - 1 mergeable ones a source
+        destinations = (tokens - 1) // 2
+        expected = 0 if prune and destinations < 2 else min(count, sources)  # one destination: all pruned
+        merged = tokens - int(plan.lengths[b])
+        # Pruning can only drop a chosen source whose two best destinations tie exactly (not with random data).
+        assert merged == expected
+    assert bool(torch.isfinite(y).all())
+
+
+def make_vit(depth: int = 6) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, depth=depth, embed_dim=96, num_heads=4,
+                             img_size=64, patch_size=8, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("flops", [1.5, 2.0, 2.5])
+def test_flop_budget_is_met_as_counted(flops):
+    model = make_vit()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    base = count_flops(model, x)
+    patched = mame.patch.timm(copy.deepcopy(model), flops=flops)
+    assert base / count_flops(patched, x) == pytest.approx(flops, rel=0.03)
+
+
+def test_default_is_a_two_times_budget_on_keys_without_pruning():
+    model = mame.patch.timm(make_vit())
+    settings_ = model.mame.settings
+    assert settings_["flops"] == 2.0 and "tau" not in settings_
+    assert settings_["metric"] == "keys" and settings_["prune"] is False
+    assert settings_["layers"] == tuple(range(6))
+    paper = mame.patch.timm(make_vit(), preset="paper", layers=3)
+    assert paper.mame.settings["tau"] == (0.8,) * 3 and paper.mame.settings["metric"] == "x"
+    assert paper.mame.settings["prune"] is True
+
+
+def test_budget_batch_is_rectangular_and_each_image_merges_as_alone():
+    model = mame.patch.timm(make_vit(), flops=2.0)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        batched = model(x)
+        counts = model.mame.last_token_counts
+        assert model.mame.state.mask is None  # equal counts: no padding anywhere
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert model.mame.last_token_counts == counts
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    # The counts do not depend on the pixels.
+    with torch.no_grad():
+        model(torch.zeros(2, 3, 64, 64))
+    assert model.mame.last_token_counts == counts
+
+
+def test_budget_thresholds_round_trip(tmp_path):
+    model = mame.patch.timm(make_vit(), flops=1.7)
+    path = model.mame.save_thresholds(tmp_path / "budget.json")
+    again = mame.calibrate.load_thresholds(make_vit(), path)
+    assert again.mame.settings == model.mame.settings
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
+def test_budget_errors():
+    with pytest.raises(ValueError, match="not both"):
+        mame.patch.timm(make_vit(), tau=0.8, flops=2.0)
+    with pytest.raises(ValueError, match="out of reach"):
+        mame.patch.timm(make_vit(), flops=50.0)
+    with pytest.raises(ValueError, match="flops must be"):
+        mame.patch.timm(make_vit(), flops=0.5)
+    with pytest.raises(ValueError, match="preset"):
+        mame.patch.timm(make_vit(), preset="fast")
+    with pytest.raises(ValueError, match="merge_count"):
+        mame.merge(torch.randn(1, 5, 4), causal="strict", merge_count=torch.tensor([1]))
