@@ -185,6 +185,7 @@ class MameMerge:
     eps: float = 1e-6
     check_finite: bool = False
     metric: str = "x"
+    similarity: str = "cosine"  # eq 2, or a kind of the paper's ablation (`mame.core.similarity_matrix`)
     discard_preserved: bool = False  # drop preserved sources: every merge keeps exactly the destinations (2:1)
     share: float | None = None  # a budget instead of tau: each sample merges this share of its mergeable tokens
 
@@ -212,7 +213,8 @@ class MameMerge:
             stand_in, self.tau if tau is None else tau, state.num_special, self.partition, self.prune,
             self.batch_rule, self.causal, self.eps, dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes,
             mask=state.mask, size_weighted=self.size_weighted, check=False, discard_preserved=self.discard_preserved,
-            metric=x if metric is None else metric, merge_count=self.merge_count(x, state))[1].lengths
+            metric=x if metric is None else metric, merge_count=self.merge_count(x, state),
+            similarity=self.similarity)[1].lengths
 
     def __call__(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None) -> torch.Tensor:
         if self.check_finite and not bool(torch.isfinite(x if state.mask is None else x[state.mask]).all()):
@@ -221,7 +223,8 @@ class MameMerge:
             x, self.tau, state.num_special, self.partition, self.prune, self.batch_rule, self.causal, self.eps,
             dst_ratio=self.dst_ratio, seed=self.seed, sizes=state.sizes, mask=state.mask,
             size_weighted=self.size_weighted, check=False, metric=_metric(self.metric, keys),
-            discard_preserved=self.discard_preserved, merge_count=self.merge_count(x, state))
+            discard_preserved=self.discard_preserved, merge_count=self.merge_count(x, state),
+            similarity=self.similarity)
         # Samples of equal length need no padding mask: attention then runs without a bias, the MLP unpacked.
         state.sizes = plan.sizes.detach()  # bookkeeping, see `TokenState.sizes`
         state.mask = None if plan.mask is None or bool(plan.mask.all()) else plan.mask

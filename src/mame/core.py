@@ -21,10 +21,12 @@ import torch
 PartitionName = Literal["alternating", "sequential", "random"]
 BatchRule = Literal["any", "per_sample"]
 CausalMode = Literal["paper", "strict"]
+SimilarityName = Literal["cosine", "euclidean", "dot", "softmax"]
 
 PARTITIONS = ("alternating", "sequential", "random")
 BATCH_RULES = ("any", "per_sample")
 CAUSAL_MODES = ("paper", "strict")
+SIMILARITIES = ("cosine", "euclidean", "dot", "softmax")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,50 @@ def partition_indices(
     return split.dst_idx, split.src_idx
 
 
+def similarity_matrix(x_dst: torch.Tensor, x_src: torch.Tensor, similarity: str = "cosine",
+                      pair_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """S (B, M, N) between destinations (B, M, d) and sources (B, N, d): eq 2, or one of the alternatives the
+    paper's ablation compares (section 4.3.1, Figure 2b). The paper names them without formulas; each is defined here
+    so that τ keeps its role in eq 3 (a bar on a similarity of at most 1) wherever the kind allows:
+
+    - ``"cosine"`` (eq 2, the default): x_i . x_j / (|x_i| |x_j|), in [-1, 1].
+    - ``"euclidean"``: 1 - |x_i - x_j| / (|x_i| + |x_j|), in [0, 1]: the distance as a share of the largest it can
+      be for tokens of these norms (triangle inequality); 1 for equal tokens, 0 for opposite ones. Scale-free like
+      the cosine, so one τ means the same in every block and model (1 / (1 + d) or -d would depend on the tokens'
+      norms, which range from about 1 to 100 in ViTs), and unlike the cosine it separates parallel tokens of
+      different lengths (x and 2x: 2/3).
+    - ``"dot"``: x_i . x_j, eq 2 without the norms, unbounded: for ViT tokens (norms >> 1) nearly every pair with a
+      positive product passes a τ in [-1, 1], and long tokens draw the weight, which is why it merges more (faster,
+      less accurate: the paper's finding). With pruning, a source whose single candidate has S - τ >= 1 - ε is not
+      preserved: eqs 5-8 zero a lone weight only below 1 - ε and leave this one a weight of order ε, so the source
+      is in effect dropped.
+    - ``"softmax"``: softmax over the destinations of the scaled products x_i . x_j / sqrt(d), how attention would
+      spread source j over the destinations: in (0, 1), each source's column sums to 1 over its allowed
+      destinations (``pair_mask``). τ bars a destination's share of the source; for τ >= 0.5 at most one
+      destination passes, and the pruning of eqs 5-8 then keeps every source (a single weight is pruned).
+
+    The paper's numbers (Figure 2b, AugReg ViT-B/16, top-1 % / im/s): cosine 83.35 / 73.06, Euclidean 81.58 / 73.60,
+    dot 80.43 / 81.14, softmax 61.90 / 80.33.
+    """
+    products = x_dst @ x_src.mT
+    if similarity == "dot":
+        return products
+    if similarity == "softmax":
+        logits = products / math.sqrt(x_dst.shape[-1])
+        if pair_mask is not None:  # disallowed destinations take no share (a finite floor: no NaN in empty columns)
+            logits = logits.masked_fill(pair_mask == 0, torch.finfo(logits.dtype).min)
+        return logits.softmax(dim=-2)
+    # With F.normalize's norm floor: dividing the (M, N) products by the norms writes less memory than normalising
+    # the (M, d) and (N, d) tokens first (d > N for ViTs).
+    norm_dst = torch.linalg.vector_norm(x_dst, dim=-1, keepdim=True).clamp_min(1e-12)
+    norm_src = torch.linalg.vector_norm(x_src, dim=-1, keepdim=True).clamp_min(1e-12)
+    if similarity == "cosine":
+        return products / (norm_dst * norm_src.mT)
+    # |a - b|^2 from the products already made; the floor keeps the square root's gradient finite for equal tokens.
+    squared = (norm_dst.square() + norm_src.square().mT - 2 * products).clamp_min(1e-12)
+    return 1 - squared.sqrt() / (norm_dst + norm_src.mT)
+
+
 def fusion_weights(
     x_dst: torch.Tensor,
     x_src: torch.Tensor,
@@ -126,29 +172,29 @@ def fusion_weights(
     eps: float = 1e-6,
     pair_mask: torch.Tensor | None = None,
     merge_count: torch.Tensor | None = None,
+    similarity: SimilarityName = "cosine",
 ) -> torch.Tensor:
     """Eqs 2-8: the fusion matrix W^F (B, M, N) from destination (B, M, d) and source (B, N, d) features.
 
     ``pair_mask`` (broadcastable to (B, M, N), 1 = allowed) zeroes pairs before normalisation (used for padding and
     for strictly causal merging). ``merge_count`` (B,) replaces ``tau`` by a budget: each sample gets its own
     threshold so that exactly its ``merge_count`` most similar sources merge (`budget_threshold`). Computed in
-    float32 when the input is half precision.
+    float32 when the input is half precision. ``similarity``: eq 2's cosine or an ablated kind
+    (`similarity_matrix`).
     """
     if x_dst.dtype in (torch.float16, torch.bfloat16):
         x_dst, x_src = x_dst.float(), x_src.float()
-    # Eq 2, with F.normalize's norm floor: dividing the (M, N) dot products by the norms writes less memory than
-    # normalising the (M, d) and (N, d) tokens first (d > N for ViTs).
-    norm_dst = torch.linalg.vector_norm(x_dst, dim=-1, keepdim=True).clamp_min(1e-12)
-    norm_src = torch.linalg.vector_norm(x_src, dim=-1, keepdim=True).clamp_min(1e-12)
-    similarity = (x_dst @ x_src.mT) / (norm_dst * norm_src.mT)
-    # Eq 3 with the cosine clamped to 1 first (rounding can push it past 1, and tau = 1 would then still merge):
-    # relu(min(s, 1) - tau) = clamp(s - tau, 0, 1 - tau). In-place steps below only touch fresh temporaries whose
-    # old values autograd does not need; they save a buffer each, which counts at one image per call.
+    kind, similarity = similarity, similarity_matrix(x_dst, x_src, similarity, pair_mask)  # eq 2
+    # Eq 3 with the similarity clamped to 1 first (rounding can push a cosine past 1, and tau = 1 would then still
+    # merge): relu(min(s, 1) - tau) = clamp(s - tau, 0, 1 - tau); the unbounded dot product has no ceiling.
+    # In-place steps below only touch fresh temporaries whose old values autograd does not need; they save a
+    # buffer each, which counts at one image per call.
+    ceiling = math.inf if kind == "dot" else 1.0
     if merge_count is None:
-        sparse = (similarity - tau).clamp_(0.0, 1.0 - tau)
+        sparse = (similarity - tau).clamp_(0.0, ceiling - tau)
     else:
         sample_tau, chosen = budget_threshold(similarity, merge_count, prune, pair_mask)
-        sparse = torch.minimum((similarity - sample_tau).clamp_(min=0.0), 1.0 - sample_tau)
+        sparse = torch.minimum((similarity - sample_tau).clamp_(min=0.0), ceiling - sample_tau)
         pair_mask = chosen if pair_mask is None else pair_mask * chosen
     if pair_mask is not None:
         sparse = sparse * pair_mask
@@ -334,8 +380,11 @@ class FusionPlan:
         return torch.cat([head, src_pos]).expand(batch, -1)
 
 
-def check_options(partition: str, batch_rule: str, causal: bool | str, dst_ratio: float = 0.5) -> None:
+def check_options(partition: str, batch_rule: str, causal: bool | str, dst_ratio: float = 0.5,
+                  similarity: str = "cosine") -> None:
     """Raise a ValueError naming the argument when a string option or ``dst_ratio`` is not one we know."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if batch_rule not in BATCH_RULES:
         raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {batch_rule!r}")
     if causal not in (False, True) + CAUSAL_MODES:
@@ -410,7 +459,7 @@ def _check_aligned(x: torch.Tensor, num_special: int, partition: str, sizes: tor
 
 
 def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str, batch_rule: str, causal,
-                  dst_ratio: float) -> None:
+                  dst_ratio: float, similarity: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, L, d), got {type(x).__name__}")
     if x.dim() != 3:
@@ -420,7 +469,7 @@ def _check_inputs(x: torch.Tensor, tau: float, num_special: int, partition: str,
     if isinstance(num_special, bool) or not isinstance(num_special, int) or not 0 <= num_special < x.shape[1]:
         raise ValueError(f"num_special must be an int in [0, L) with L = {x.shape[1]}, got {num_special!r}")
     check_tau(tau)
-    check_options(partition, batch_rule, causal, dst_ratio)
+    check_options(partition, batch_rule, causal, dst_ratio, similarity)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf")
 
@@ -443,6 +492,7 @@ def merge(
     size_weighted: bool = False,
     discard_preserved: bool = False,
     merge_count: torch.Tensor | None = None,
+    similarity: SimilarityName = "cosine",
     check: bool = True,
 ) -> tuple[torch.Tensor, FusionPlan]:
     """Merge redundant tokens with MaMe (eqs 1-10).
@@ -475,6 +525,8 @@ def merge(
             models, section 4: "we had to discard the preserved source tokens").
         merge_count: (B,) a budget instead of ``tau``: each sample merges exactly this many of its sources (fewer
             when it has fewer real ones), at its own threshold (`budget_threshold`). Not with ``causal``.
+        similarity: how S is computed: ``"cosine"`` (eq 2, the paper's choice), or the kinds its ablation compares,
+            ``"euclidean"``, ``"dot"`` and ``"softmax"`` (defined in `similarity_matrix`).
         check: validate the arguments and scan ``x`` for NaN and Inf; patched blocks check their settings once at patch
             time and pass False, since the NaN scan alone costs a pass over the tokens in every block.
 
@@ -482,7 +534,7 @@ def merge(
         ``(y, plan)``: merged tokens (B, L', d) and the `FusionPlan`.
     """
     if check:
-        _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio)
+        _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio, similarity)
         _check_aligned(x, num_special, partition, sizes, mask, metric)
         if merge_count is not None and (causal or merge_count.shape != (x.shape[0],)):
             raise ValueError("merge_count must be a (B,) tensor of counts, and cannot be combined with causal")
@@ -510,7 +562,7 @@ def merge(
         metric_dst, metric_src = x_dst, x_src
     else:
         metric_dst, metric_src = split.dst(metric), split.src(metric)
-    weights = fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask, merge_count)
+    weights = fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask, merge_count, similarity)
     if causal in (True, "paper"):
         weights = weights * (src_idx.unsqueeze(0) <= dst_idx.unsqueeze(1))  # section 5
 

@@ -310,7 +310,7 @@ def patch_causal_lm(model: nn.Module, tau: float | Sequence[float] = 0.8, layers
                     causal: bool | str | None = "strict", batch_rule: str = "per_sample",
                     partition: str = "alternating", prune: bool = True, size_weighted: bool = False,
                     proportional_attention: bool = True, check: bool = False, metric: str = "x",
-                    num_special: int = 1) -> nn.Module:
+                    num_special: int = 1, similarity: str = "cosine", seed: int = 0) -> nn.Module:
     """Apply causal MaMe in place to a transformers causal LM (see the module docstring); undo with
     ``mame.unpatch(model)``.
 
@@ -320,7 +320,7 @@ def patch_causal_lm(model: nn.Module, tau: float | Sequence[float] = 0.8, layers
         layers: the first K layers (int) or a list of layer indices that merge during prefill.
         causal: ``"strict"`` (default; prefix-causal) or ``"paper"`` / True (section 5's mask); None = "strict".
             ``False`` is refused: a prompt token would absorb later ones.
-        batch_rule, partition, prune, metric, check: as for `mame.patch.timm`.
+        batch_rule, partition, prune, metric, check, similarity, seed: as for `mame.patch.timm`.
         size_weighted: fuse tokens weighted by how many prompt tokens each stands for (merges after the first).
         proportional_attention: add log(size) to each key's logit (prefill and decoding).
         num_special: leading prompt tokens that never merge (the attention sink).
@@ -344,10 +344,11 @@ def patch_causal_lm(model: nn.Module, tau: float | Sequence[float] = 0.8, layers
     indices = resolve_layers(layers, len(blocks))
     taus = resolve_taus(tau, len(indices))
     inner = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
-                         size_weighted=size_weighted, check=check, metric=metric)
+                         size_weighted=size_weighted, check=check, metric=metric, similarity=similarity, seed=seed)
     settings = dict(method="mame", tau=taus, layers=indices, causal=causal, batch_rule=batch_rule,
                     partition=partition, prune=prune, size_weighted=size_weighted,
-                    proportional_attention=proportional_attention, metric=metric, num_special=num_special)
+                    proportional_attention=proportional_attention, metric=metric, num_special=num_special,
+                    similarity=similarity, seed=seed)
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=False)
     for index, block in enumerate(blocks):
         merger = CausalMerge(inner[index]) if index in inner else None

@@ -245,7 +245,8 @@ def _family(model: nn.Module) -> _Family:
 def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int | Sequence[int] = 8, *,
              batch_rule: str = "per_sample", partition: str = "alternating", prune: bool = True,
              size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
-             check: bool = False, metric: str = "x", causal: bool | str | None = None) -> nn.Module:
+             check: bool = False, metric: str = "x", causal: bool | str | None = None, similarity: str = "cosine",
+             seed: int = 0) -> nn.Module:
     """Apply MaMe in place to a transformers encoder, with the options and defaults of `mame.patch.timm` (see
     there); the class token, where the model has one, never merges. Undo with ``mame.unpatch(model)``.
 
@@ -259,7 +260,8 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
     if is_causal_lm_class(type(model)):
         return patch_causal_lm(model, tau, layers, causal=causal, batch_rule=batch_rule, partition=partition,
                                prune=prune, size_weighted=size_weighted,
-                               proportional_attention=proportional_attention, check=check, metric=metric)
+                               proportional_attention=proportional_attention, check=check, metric=metric,
+                               similarity=similarity, seed=seed)
     if causal not in (None, False):
         raise ValueError(f"causal={causal!r}: causal merging is for decoder-only language models (Llama, Qwen2, "
                          f"Mistral, GPT-2); {type(model).__name__} merges its tokens non-causally")
@@ -275,7 +277,7 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
     install_mame(model, list(attrgetter(family.layers)(tower)), family.layout, family.num_special, mixin,
                  tau=tau, layers=layers, scoped=scoped, batch_rule=batch_rule, partition=partition, prune=prune,
                  size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
-                 check=check, metric=metric)
+                 check=check, metric=metric, similarity=similarity, seed=seed)
     if family.padding_argument is not None:
         set_attributes(scoped, model.mame, _mame_padding_argument=family.padding_argument)
     for module in {id(m): m for m in (model, scoped)}.values():

@@ -140,7 +140,7 @@ def _layout(tower: nn.Module) -> BlockLayout:
 def patch_open_clip(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int | Sequence[int] = 8, *,
                     batch_rule: str = "per_sample", partition: str = "alternating", prune: bool = True,
                     size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
-                    check: bool = False, metric: str = "x") -> nn.Module:
+                    check: bool = False, metric: str = "x", similarity: str = "cosine", seed: int = 0) -> nn.Module:
     """Apply MaMe in place to an open_clip image tower, with the options and defaults of `mame.patch.timm` (see
     there). ``model``: a `CLIP`, `CustomTextCLIP` or `CoCa` (its ``visual`` is patched and opens each forward's state,
     so ``encode_image`` and ``model(image, text)`` merge; the text tower stays untouched) or a bare
@@ -151,7 +151,7 @@ def patch_open_clip(model: nn.Module, tau: float | Sequence[float] = 0.8, layers
     install_mame(model, list(tower.transformer.resblocks), layout, 1, PatchedVisionTransformer, tau=tau,
                  layers=layers, scoped=None if tower is model else tower, batch_rule=batch_rule, partition=partition,
                  prune=prune, size_weighted=size_weighted, proportional_attention=proportional_attention,
-                 packed=packed, check=check, metric=metric)
+                 packed=packed, check=check, metric=metric, similarity=similarity, seed=seed)
     pools = [tower.attn_pool]  # a 'cascade' contrastive pool reads the first pool's outputs, not the tokens
     if getattr(tower, "attn_pool_type", "") == "parallel":
         pools.append(tower.attn_pool_contrastive)

@@ -72,11 +72,11 @@ def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int
 def mame_mergers(
     layers: tuple[int, ...], taus: tuple[float, ...], *, partition: str, prune: bool, batch_rule: str,
     causal: bool | str, size_weighted: bool, check: bool = False, metric: str = "x", discard_preserved: bool = False,
-    share: float | None = None,
+    share: float | None = None, similarity: str = "cosine", seed: int = 0,
 ) -> dict[int, Merger]:
     """One checked `MameMerge` per patched block (``discard_preserved``: the 2:1 rule, see `patch_timm`; ``share``:
-    a budget, see `mame.budget`, in place of ``taus``)."""
-    check_options(partition, batch_rule, causal)
+    a budget, see `mame.budget`, in place of ``taus``; ``similarity`` and ``seed``: see `patch_timm`)."""
+    check_options(partition, batch_rule, causal, similarity=similarity)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if batch_rule == "per_sample" and partition != "alternating" and len(layers) > 1:
@@ -88,7 +88,7 @@ def mame_mergers(
     return {
         index: MameMerge(tau=t, partition=partition, prune=prune, batch_rule=batch_rule, causal=causal,
                          size_weighted=size_weighted, check_finite=check, metric=metric,
-                         discard_preserved=discard_preserved, share=share)
+                         discard_preserved=discard_preserved, share=share, similarity=similarity, seed=seed)
         for index, t in zip(layers, taus)
     }
 
@@ -98,7 +98,8 @@ def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout,
                  batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
                  packed: bool, check: bool, metric: str, scoped: nn.Module | None = None,
                  discard_preserved: bool = False, flops: float | None = None,
-                 budget: Callable[[tuple[int, ...], float], float] | None = None) -> nn.Module:
+                 budget: Callable[[tuple[int, ...], float], float] | None = None, similarity: str = "cosine",
+                 seed: int = 0) -> nn.Module:
     """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``
     (``scoped``: see `mame.patch.base.install`). With ``flops`` instead of ``tau``, ``budget(layers, flops)`` gives
     the share of tokens each merging block removes (`mame.budget.share_for_flops` on the family's block costs)."""
@@ -112,11 +113,12 @@ def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout,
         taus = resolve_taus(tau, len(indices))
     mergers = mame_mergers(indices, taus, partition=partition, prune=prune, batch_rule=batch_rule, causal=False,
                            size_weighted=size_weighted, check=check, metric=metric,
-                           discard_preserved=discard_preserved, share=share)
+                           discard_preserved=discard_preserved, share=share, similarity=similarity,
+                           seed=seed)
     thresholds = dict(tau=taus) if share is None else dict(flops=float(flops))
     settings = dict(method="mame", **thresholds, layers=indices, batch_rule=batch_rule, partition=partition,
                     prune=prune, size_weighted=size_weighted, proportional_attention=proportional_attention,
-                    metric=metric)
+                    metric=metric, similarity=similarity, seed=seed)
     if discard_preserved:  # only when set, so the saved thresholds of other families stay valid patch arguments
         settings["discard_preserved"] = True
     runtime = MergeRuntime(settings=settings, layers=indices, num_special=num_special, packed=packed)

@@ -197,6 +197,8 @@ def patch_timm(
     check: bool = False,
     metric: str | None = None,
     discard_preserved: bool = False,
+    similarity: str = "cosine",
+    seed: int = 0,
 ) -> nn.Module:
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
 
@@ -224,7 +226,8 @@ def patch_timm(
             carried with a key-padding mask in SDPA and a packed MLP, and every image gets the result it would get
             alone) or ``"any"`` (the paper's batch-wide rule: a token kept by one image is kept for all, which
             throws the speed-up away on varied batches).
-        partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"``.
+        partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"`` (seeded by ``seed``):
+            the partitions the paper's ablation compares (Figure 2c).
         prune: the adaptive weight pruning of eqs 5-8. Default off (``preset="paper"``: on): with pruning a source
             near a single destination is kept, so a threshold has to drop further for the same budget.
         size_weighted: a token standing for k patches weighs k in later merges. Off by default: on Fashion-MNIST
@@ -237,6 +240,9 @@ def patch_timm(
         metric: what the similarity is computed on: ``"x"`` (the tokens themselves, the paper's eq 2),
             ``"keys"`` (the block's attention keys, all heads side by side; the default) or ``"keys_mean"`` (the
             keys averaged over heads, ToMe's metric). The tokens are fused either way.
+        similarity: how eq 2's S is computed: ``"cosine"`` (the paper's, default), or the kinds its ablation
+            compares (Figure 2b): ``"euclidean"``, ``"dot"``, ``"softmax"``, defined in `mame.core.similarity_matrix`.
+        seed: the seed of ``partition="random"`` (the same partition in every block and forward).
         check: scan the tokens for NaN and Inf before every merge and raise a ValueError. Off by default, like
             the patched forward's other checks (one pass over the tokens per merge); without it NaN input gives NaN
             output, as in the unpatched model.
@@ -252,5 +258,6 @@ def patch_timm(
     return install_mame(model, list(model.blocks), TIMM_LAYOUT, model.num_prefix_tokens, PatchedViT,
                         batch_rule=batch_rule, partition=partition, size_weighted=size_weighted,
                         proportional_attention=proportional_attention, packed=packed, check=check,
-                        discard_preserved=discard_preserved, budget=timm_budget(model, chosen["metric"]), **chosen)
+                        discard_preserved=discard_preserved, budget=timm_budget(model, chosen["metric"]),
+                        similarity=similarity, seed=seed, **chosen)
 
