@@ -61,3 +61,14 @@ def real_photos(bundled_photos: list[tuple[str, Image.Image]]) -> torch.Tensor:
     Letterboxed, not centre-cropped as `data.preprocess` does by default: the known per-photo token counts and
     fidelities in test_real_model.py were measured on letterboxed photos."""
     return data.preprocess([image for _, image in bundled_photos], mode="letterbox")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> torch.nn.Module:
+    """A tiny random timm ViT (32 px, 8 px patches: 16 patches and a class token; 4 blocks; features out), for the
+    fast tests of pictures and sweeps. Patch a ``copy.deepcopy`` of it, or unpatch it before the test ends."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
+                             num_classes=0).eval()

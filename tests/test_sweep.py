@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import timm
 import torch
 
 import mame
@@ -13,12 +12,6 @@ from mame.methods import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_module")
 
-
-@pytest.fixture(scope="module")
-def tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
-                             num_classes=0).eval()
 
 
 def _data(n_train: int = 16, n_test: int = 8) -> sweep.SweepData:
@@ -50,7 +43,7 @@ def test_grid_counts_partitions_seeds_and_baselines():
     assert len({p.key({}) for p in points}) == len(points)
 
 
-def test_sweep_writes_a_line_per_point_and_resumes(tiny, tmp_path, monkeypatch):
+def test_sweep_writes_a_line_per_point_and_resumes(tiny_vit, tmp_path, monkeypatch):
     points = sweep.grid(taus=[0.2, 0.6], blocks=[4], partitions=["alternating", "random"], seeds=2,
                         baselines={"tome": [2], "evit": [0.5], "pitome": [2]})
     out = tmp_path / "results.jsonl"
@@ -58,11 +51,11 @@ def test_sweep_writes_a_line_per_point_and_resumes(tiny, tmp_path, monkeypatch):
     outputs = sweep._outputs
     monkeypatch.setattr(sweep, "_outputs", lambda *args: calls.append(1) or outputs(*args))
     data = _data()
-    sweep.run(tiny, points[:5], data, out, context={"model": "tiny"}, pairs=1, progress=False)
+    sweep.run(tiny_vit, points[:5], data, out, context={"model": "tiny"}, pairs=1, progress=False)
     assert len(out.read_text().splitlines()) == 5 and len(calls) == 10  # train and test of each point
     with out.open("a") as handle:
         handle.write('{"key": "cut short')  # an interrupted write
-    records = sweep.run(tiny, points, data, out, context={"model": "tiny"}, pairs=1, progress=False)
+    records = sweep.run(tiny_vit, points, data, out, context={"model": "tiny"}, pairs=1, progress=False)
     assert len(calls) == 2 * len(points)  # only the points not done before
     assert len(sweep.read_records(out)) == len(points) == len(records)
     for record in records:
@@ -72,9 +65,9 @@ def test_sweep_writes_a_line_per_point_and_resumes(tiny, tmp_path, monkeypatch):
     assert by_label["unmodified"]["tokens"] == 17 and by_label["unmodified"]["flop_ratio"] == 1
     assert by_label["ToMe r=2"]["tokens"] == 17 - 4 * 2
     assert by_label["MaMe τ=0.2, 4 blocks"]["flop_ratio"] > 1
-    sweep.run(tiny, points, data, out, context={"model": "tiny"}, pairs=1, progress=False)
+    sweep.run(tiny_vit, points, data, out, context={"model": "tiny"}, pairs=1, progress=False)
     assert len(calls) == 2 * len(points)  # a finished sweep does nothing
-    sweep.run(tiny, points[:1], data, out, context={"model": "other"}, pairs=1, progress=False)
+    sweep.run(tiny_vit, points[:1], data, out, context={"model": "other"}, pairs=1, progress=False)
     assert len(calls) == 2 * len(points) + 2  # another context is another point
 
     written = sweep.plot(records, tmp_path / "plots", prefix="s")
@@ -98,46 +91,46 @@ def test_pareto_front_and_best_at_on_hand_made_points():
                                                             (3.0, "e")]
 
 
-def test_every_registered_method_patches_and_unpatches(tiny):
+def test_every_registered_method_patches_and_unpatches(tiny_vit):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        reference = tiny(x)
+        reference = tiny_vit(x)
     for name, entry in METHODS.items():
         settings = {"tau": 0.5, "blocks": 2} if name == "mame" else ({entry.param: entry.grid[-1]} if entry.param
                                                                       else {})
-        patched = entry.apply(tiny, settings)
+        patched = entry.apply(tiny_vit, settings)
         with torch.inference_mode():
             patched(x)
-        mame.unpatch(tiny)
+        mame.unpatch(tiny_vit)
         with torch.inference_mode():
-            assert torch.equal(tiny(x), reference), name
+            assert torch.equal(tiny_vit(x), reference), name
 
 
 @pytest.mark.skipif(not mame_data.fashion_mnist_available(), reason="needs Debian's dataset-fashion-mnist")
-def test_fashion_mnist_data_at_the_model_size(tiny):
-    data = sweep.labelled_data(tiny, "fashion_mnist", 20, 10, batch_size=8)
+def test_fashion_mnist_data_at_the_model_size(tiny_vit):
+    data = sweep.labelled_data(tiny_vit, "fashion_mnist", 20, 10, batch_size=8)
     batches = list(data.train_batches())
     assert [len(b) for b in batches] == [8, 8, 4] and batches[0].shape[1:] == (3, 32, 32)
     assert data.timing.shape == (8, 3, 32, 32) and len(data.test_labels) == 10
 
 
-def test_folder_data_splits_a_class_folder(tiny, tmp_path):
+def test_folder_data_splits_a_class_folder(tiny_vit, tmp_path):
     from PIL import Image
 
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()
         for i in range(5):
             Image.new("RGB", (40, 30), (40 * i, 100 if label == "cat" else 200, 0)).save(tmp_path / label / f"{i}.png")
-    data = sweep.folder_data(tiny, tmp_path, 6, 4, batch_size=4)
+    data = sweep.folder_data(tiny_vit, tmp_path, 6, 4, batch_size=4)
     assert len(data.train_labels) == 6 and len(data.test_labels) == 4 and not data.classifier
     assert sum(len(b) for b in data.test_batches()) == 4
     with pytest.raises(ValueError):
-        sweep.folder_data(tiny, tmp_path, 20, 4)
+        sweep.folder_data(tiny_vit, tmp_path, 20, 4)
 
 
-def test_records_are_plain_json_keyed_by_their_settings(tiny, tmp_path):
+def test_records_are_plain_json_keyed_by_their_settings(tiny_vit, tmp_path):
     out = tmp_path / "r.jsonl"
-    sweep.run(tiny, sweep.grid(taus=[0.5], blocks=[1], baselines={"tome": [1]}), _data(), out, pairs=1,
+    sweep.run(tiny_vit, sweep.grid(taus=[0.5], blocks=[1], baselines={"tome": [1]}), _data(), out, pairs=1,
               progress=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     keys = [json.loads(record["key"]) for record in records]

@@ -4,7 +4,6 @@ import copy
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -16,12 +15,6 @@ from mame.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_module")
 
-
-@pytest.fixture(scope="module")
-def tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
-                             num_classes=0).eval()
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
@@ -39,9 +32,9 @@ def _groups(owners: torch.Tensor) -> set[frozenset[int]]:
     return {frozenset(group) for group in groups.values()}
 
 
-def test_trace_of_mame_equals_its_own_source_map(tiny):
+def test_trace_of_mame_equals_its_own_source_map(tiny_vit):
     x = torch.randn(2, 3, 32, 32)
-    patched = mame.patch.timm(copy.deepcopy(tiny), tau=0.2, layers=4, metric="x", prune=True)
+    patched = mame.patch.timm(copy.deepcopy(tiny_vit), tau=0.2, layers=4, metric="x", prune=True)
     trace = viz.MergeTrace(patched)
     with torch.inference_mode():
         patched(x)
@@ -52,8 +45,8 @@ def test_trace_of_mame_equals_its_own_source_map(tiny):
     assert patched.mame.last_token_counts[-1] < 17  # something merged: the comparison above means something
 
 
-def test_trace_of_tome_has_one_group_per_token_after_every_block(tiny):
-    patched = tome.patch_timm(copy.deepcopy(tiny), r=3)
+def test_trace_of_tome_has_one_group_per_token_after_every_block(tiny_vit):
+    patched = tome.patch_timm(copy.deepcopy(tiny_vit), r=3)
     trace = viz.MergeTrace(patched)
     with torch.inference_mode():
         patched(torch.randn(1, 3, 32, 32))
@@ -75,9 +68,9 @@ def test_single_patches_get_a_dot():
     assert marked[4, 4].tolist() == [0, 0, 0]  # patch (0, 0) shares token 1
 
 
-def test_figures_have_a_row_per_method_and_a_column_per_block(tiny, tmp_path):
+def test_figures_have_a_row_per_method_and_a_column_per_block(tiny_vit, tmp_path):
     photos = [("wide/photo", _photo(60, 40, 0)), ("tall", _photo(30, 50, 1))]
-    written = viz.write_figures(tiny, photos, tmp_path, tau=0.5, layers=4, after=(1, 2, 4), baselines=("tome",))
+    written = viz.write_figures(tiny_vit, photos, tmp_path, tau=0.5, layers=4, after=(1, 2, 4), baselines=("tome",))
     assert [path.name for path, _ in written] == ["wide_photo.png", "tall.png"]
     for path, panels in written:
         assert len(panels) == 2 * 4  # MaMe and ToMe, each: the input then three blocks
@@ -91,9 +84,9 @@ def test_figures_have_a_row_per_method_and_a_column_per_block(tiny, tmp_path):
         assert abs(tome_row[-1].tokens - mame_row[-1].tokens) <= 2
 
 
-def test_photos_are_centre_cropped_not_letterboxed(tiny):
+def test_photos_are_centre_cropped_not_letterboxed(tiny_vit):
     photo = Image.new("RGB", (64, 32), (200, 200, 200))
-    shown = np.asarray(mame.data.fit_image(photo, model=tiny))
+    shown = np.asarray(mame.data.fit_image(photo, model=tiny_vit))
     assert shown.shape == (32, 32, 3) and shown.min() > 150  # no black bars
 
 
