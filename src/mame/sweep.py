@@ -319,7 +319,8 @@ def _alternating_series(records: Sequence[dict[str, Any]]) -> dict[str, list[dic
         if record["method"] == "mame" and record.get("partition") == "alternating":
             name = f"MaMe {record['blocks']} blocks" + (f" ({record['batch_rule']})" if len(rules) > 1 else "")
             series.setdefault(name, []).append(record)
-    return {name: sorted(points, key=lambda r: r["tau"]) for name, points in series.items()}
+    order = sorted(series, key=lambda name: (series[name][0]["blocks"], series[name][0]["batch_rule"]))
+    return {name: sorted(series[name], key=lambda r: r["tau"]) for name in order}
 
 
 def plot(records: Sequence[dict[str, Any]], out_dir: str | Path, prefix: str = "sweep") -> list[Path]:
@@ -379,6 +380,9 @@ def plot(records: Sequence[dict[str, Any]], out_dir: str | Path, prefix: str = "
                     style = "o" if name == "unmodified" else ("x" if "partition" in name else "o-")
                     axis.plot([r[x] for r in ordered], [100 * r[metric] for r in ordered], style, label=name,
                               markersize=5)
+                if x == "flop_ratio":  # the budgets the summary table (`best_at`) reads the front at
+                    for ratio in (1.5, 2.0, 3.0):
+                        axis.axvline(ratio, color="grey", linewidth=0.6, linestyle=":")
                 front = pareto_front(scored, x, metric)
                 axis.step([r[x] for r in front], [100 * r[metric] for r in front], where="pre", color="black",
                           linewidth=1, alpha=0.6, label="Pareto front")
