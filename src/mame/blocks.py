@@ -75,8 +75,13 @@ class BlockLayout:
         """What a branch reads: the normed tokens (pre-norm) or the tokens themselves (post-norm)."""
         return x if self.post_norm else self.part(block, norm)(x)
 
+    @property
+    def mlp_paths(self) -> tuple[str, ...]:
+        """The MLP's paths, applied in turn."""
+        return (self.mlp,) if isinstance(self.mlp, str) else self.mlp
+
     def run_mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        for name in (self.mlp,) if isinstance(self.mlp, str) else self.mlp:
+        for name in self.mlp_paths:
             h = self.part(block, name)(h)
         return h
 

@@ -11,15 +11,42 @@ similarity and fusion products; norms and activations are not FLOPs).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+import torch
 from torch import nn
+
+from mame.blocks import BlockLayout
+
+# budget(merging block indices, FLOP ratio) -> the share of tokens each of them removes (`install_mame`'s budget).
+Budget = Callable[[tuple[int, ...], float], float]
 
 
 def linear_flops_per_token(module: nn.Module) -> int:
-    """FLOPs one token costs in the ``nn.Linear`` layers inside ``module``."""
-    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    """FLOPs one token costs in the linear layers inside ``module``: its ``nn.Linear`` layers and the packed q/k/v
+    input projections (``in_proj_weight``, run as ``F.linear``) of `nn.MultiheadAttention` and open_clip's
+    `Attention`, which are parameters, not ``nn.Linear`` layers."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += 2 * m.in_features * m.out_features
+        packed = getattr(m, "in_proj_weight", None)
+        if isinstance(packed, torch.Tensor):  # None in an nn.MultiheadAttention with separate q/k/v weights
+            total += 2 * packed.numel()
+    return total
+
+
+def embedding_flops(projection: nn.Module | None, patches: int) -> int:
+    """FLOPs of a patch embedding that makes ``patches`` tokens: a convolution (2D; VideoMAE's 3D tubelets) or a
+    linear layer on flattened patches (SigLIP2). Anything else (none, an identity) costs no FLOPs."""
+    if isinstance(projection, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        per_patch = projection.in_channels * projection.out_channels * math.prod(projection.kernel_size)
+        return 2 * patches * per_patch // projection.groups
+    if isinstance(projection, nn.Linear):
+        return 2 * patches * projection.in_features * projection.out_features
+    return 0
 
 
 @dataclass(frozen=True)
@@ -94,3 +121,31 @@ def share_for_flops(target: float, cost: BlockCost, tokens: int, num_special: in
         else:
             high = middle
     return high
+
+
+def block_budget(block: nn.Module, layout: BlockLayout, *, dim: int, width: int, metric: str, patches: int,
+                 num_special: int, depth: int, embedding: nn.Module | None) -> Budget:
+    """The ``budget`` of `mame.patch.options.install_mame` for any family: the share of tokens each merging block
+    removes for a FLOP ratio of ``flops`` at the model's nominal input size, counted from the family's own modules.
+
+    Args:
+        block: one of the model's blocks, all of which are alike; ``layout`` says where its attention and MLP are
+            (the FLOPs of their linear layers, `linear_flops_per_token`).
+        dim: the token width (what ``metric="x"`` compares).
+        width: the attention's inner width, heads x head dim (what the keys are).
+        metric: the merge metric (`mame.blocks.METRICS`): its width is part of the merge's cost.
+        patches: the patch tokens at the nominal input size (the config's image size over its patch size, VideoMAE's
+            frames over its tubelet size times that); ``num_special`` special tokens come on top.
+        depth: the model's number of blocks.
+        embedding: the patch projection, a cost the merges leave as it is (`embedding_flops`).
+    """
+    attention = layout.part(block, layout.attn)
+    mlp = sum(linear_flops_per_token(layout.part(block, name)) for name in layout.mlp_paths)
+    metric_width = {"x": dim, "keys_mean": width // layout.attention.heads(attention)}.get(metric, width)
+    cost = BlockCost(linear_flops_per_token(attention), mlp, width, metric_width)
+    fixed = embedding_flops(embedding, patches)
+
+    def budget(layers: tuple[int, ...], flops: float) -> float:
+        return share_for_flops(flops, cost, patches + num_special, num_special, layers, depth, fixed)
+
+    return budget

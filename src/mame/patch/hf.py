@@ -28,9 +28,10 @@ from torch import nn
 
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
+from mame.budget import Budget, block_budget
 from mame.patch.base import Picklable, ScopedForward, set_attributes, swap_class
 from mame.patch.causal_lm import is_causal_lm_class, patch_causal_lm
-from mame.patch.options import install_mame
+from mame.patch.options import install_mame, refuse_flops, resolve_preset
 
 
 def _no_qk_norm(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +166,28 @@ class MeanPooledEncoder(Picklable):
 
 
 @dataclass(frozen=True)
+class _Patches:
+    """Where a tower embeds its patches, by attribute paths inside it: the projection (a convolution; SigLIP2: a
+    linear layer on flattened patches) and the number of patch tokens at the config's nominal size (image size over
+    patch size, squared; VideoMAE: times frames over tubelet size; SigLIP2: ``num_patches``, the most patches an
+    image is resized to, the processor's ``max_num_patches``)."""
+
+    projection: str
+    count: str
+
+
+# Dinov2, ViT, VideoMAE keep both in a patch-embeddings module; CLIP, SigLIP, SigLIP2 in the embeddings module.
+_PATCH_EMBEDDINGS = _Patches("embeddings.patch_embeddings.projection", "embeddings.patch_embeddings.num_patches")
+_EMBEDDINGS = _Patches("embeddings.patch_embedding", "embeddings.num_patches")
+
+
+@dataclass(frozen=True)
 class _Family:
     """Where a model keeps its layers, how they are described, how many leading tokens never merge, which module's
     forward opens each forward's state (the model itself, or its vision tower when other methods reach the tower
     directly), which forward argument is a padding mask, which attention pool reads the merged tokens and which
-    encoder's tokens a head averages."""
+    encoder's tokens a head averages, and where its patches are embedded (None: a text model, whose token count,
+    the sequence length, is known only at run time, so it takes no FLOP budget)."""
 
     vision: Callable[[nn.Module], nn.Module]  # the module that holds the layers
     layers: str  # attribute path of the layers inside it
@@ -180,6 +198,7 @@ class _Family:
     padding_argument: str | None = None  # the scoped forward's (B, L) padding-mask argument
     mean_pooled: bool = False  # the head averages the tower's output tokens with a plain mean
     refuse: Callable[[nn.Module], str | None] = lambda model: None  # why a configuration is not supported
+    patches: _Patches | None = _PATCH_EMBEDDINGS
 
 
 def _itself(model: nn.Module) -> nn.Module:
@@ -200,19 +219,22 @@ def _refuse_token_pool(model: nn.Module) -> str | None:
     return None
 
 
-_SIGLIP2 = dict(num_special=0, pool="head.attention", padding_argument="pixel_attention_mask")
+_SIGLIP2 = dict(num_special=0, pool="head.attention", padding_argument="pixel_attention_mask", patches=_EMBEDDINGS)
 
 # transformers class name -> its description. Text towers are never patched.
 _FAMILIES: dict[str, _Family] = {
     "Dinov2Model": _Family(_itself, "encoder.layer", DINOV2_LAYOUT),
     "ViTModel": _Family(_itself, "layers", VIT_LAYOUT),
     "ViTForImageClassification": _Family(attrgetter("vit"), "layers", VIT_LAYOUT),
-    "CLIPVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT),
-    "CLIPVisionModelWithProjection": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True),
-    "CLIPModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True),
+    "CLIPVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, patches=_EMBEDDINGS),
+    "CLIPVisionModelWithProjection": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True,
+                                             patches=_EMBEDDINGS),
+    "CLIPModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, patches=_EMBEDDINGS),
     # SigLIP: no class token, an attention-pooling head; its layers are written like CLIP's.
-    "SiglipVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, num_special=0, pool="head.attention"),
-    "SiglipModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, 0, "head.attention"),
+    "SiglipVisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, num_special=0, pool="head.attention",
+                                 patches=_EMBEDDINGS),
+    "SiglipModel": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, 0, "head.attention",
+                           patches=_EMBEDDINGS),
     # SigLIP2: SigLIP's layers and head, variable resolution with a patch padding mask.
     "Siglip2VisionModel": _Family(_itself, "encoder.layers", CLIP_LAYOUT, **_SIGLIP2),
     "Siglip2Model": _Family(attrgetter("vision_model"), "encoder.layers", CLIP_LAYOUT, True, **_SIGLIP2),
@@ -222,7 +244,7 @@ _FAMILIES: dict[str, _Family] = {
                                               num_special=0, mean_pooled=True, refuse=_refuse_token_pool),
     # BERT: post-norm; [CLS] never merges, [SEP] may; the tokenizer's attention_mask is the padding mask.
     "BertModel": _Family(_itself, "encoder.layer", BERT_LAYOUT, padding_argument="attention_mask",
-                         refuse=_refuse_decoder),
+                         refuse=_refuse_decoder, patches=None),
 }
 
 
@@ -242,13 +264,22 @@ def _family(model: nn.Module) -> _Family:
                      f"{type(model).__name__} (heads that pool patch tokens need size-weighted pooling first)")
 
 
-def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int | Sequence[int] = 8, *,
-             batch_rule: str = "per_sample", partition: str = "alternating", prune: bool = True,
-             size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
-             check: bool = False, metric: str = "x", causal: bool | str | None = None, similarity: str = "cosine",
-             seed: int = 0) -> nn.Module:
-    """Apply MaMe in place to a transformers encoder, with the options and defaults of `mame.patch.timm` (see
-    there); the class token, where the model has one, never merges. Undo with ``mame.unpatch(model)``.
+def patch_hf(model: nn.Module, tau: float | Sequence[float] | None = None, layers: int | Sequence[int] | None = None,
+             *, flops: float | None = None, batch_rule: str = "per_sample", partition: str = "alternating",
+             prune: bool = True, size_weighted: bool = False, proportional_attention: bool = True,
+             packed: bool = True, check: bool = False, metric: str = "x", causal: bool | str | None = None,
+             similarity: str = "cosine", seed: int = 0) -> nn.Module:
+    """Apply MaMe in place to a transformers encoder, with the options of `mame.patch.timm` (see there) and the
+    paper's defaults (timm's ``preset="paper"``): τ = 0.8 (``tau=None``) on the first 8 blocks (``layers=None``), the
+    tokens as metric, pruning. The class token, where the model has one, never merges. Undo with
+    ``mame.unpatch(model)``.
+
+    ``flops`` (not with ``tau``) is a FLOP budget instead, as in `mame.patch.timm`: the FLOP ratio (e.g. 2.0 = half)
+    at the config's input size (image size and patch size; VideoMAE's frames and tubelet size; SigLIP2's
+    ``num_patches``), counted from the family's own attention, MLP and patch-embedding layers. Every block merges
+    then (unless ``layers`` is given); metric and pruning stay as given or the defaults above. Each image removes the
+    same share of its tokens, so a batch stays rectangular. BERT (its token count is the sequence length, known only
+    at run time), LLaVA and causal LMs take ``tau`` only.
 
     Padded inputs (BERT's ``attention_mask``, SigLIP2's ``pixel_attention_mask``) must be padded at the end of each
     sample. ``last_hidden_state`` is then the merged, per-sample padded tokens: ``model.mame.mean_pool(hidden)`` is
@@ -258,7 +289,9 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
     merged causally during prefill (``causal``: "strict" by default, or "paper"), its KV cache is shorter; encoders
     take no ``causal`` option."""
     if is_causal_lm_class(type(model)):
-        return patch_causal_lm(model, tau, layers, causal=causal, batch_rule=batch_rule, partition=partition,
+        refuse_flops(flops, type(model).__name__, "its prompt length, and so its FLOPs, is known only at run time")
+        given = {name: value for name, value in (("tau", tau), ("layers", layers)) if value is not None}
+        return patch_causal_lm(model, **given, causal=causal, batch_rule=batch_rule, partition=partition,
                                prune=prune, size_weighted=size_weighted,
                                proportional_attention=proportional_attention, check=check, metric=metric,
                                similarity=similarity, seed=seed)
@@ -274,10 +307,12 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
     tower = family.vision(model)
     scoped = tower if family.scope_tower else model
     mixin = ScopedForward if family.padding_argument is None else PaddedInputForward
-    install_mame(model, list(attrgetter(family.layers)(tower)), family.layout, family.num_special, mixin,
-                 tau=tau, layers=layers, scoped=scoped, batch_rule=batch_rule, partition=partition, prune=prune,
-                 size_weighted=size_weighted, proportional_attention=proportional_attention, packed=packed,
-                 check=check, metric=metric, similarity=similarity, seed=seed)
+    blocks = list(attrgetter(family.layers)(tower))
+    chosen = resolve_preset("paper", tau, layers, flops, metric, prune, len(blocks))
+    install_mame(model, blocks, family.layout, family.num_special, mixin, scoped=scoped, batch_rule=batch_rule,
+                 partition=partition, size_weighted=size_weighted, proportional_attention=proportional_attention,
+                 packed=packed, check=check, budget=_budget(family, tower, blocks, chosen["metric"]),
+                 similarity=similarity, seed=seed, **chosen)
     if family.padding_argument is not None:
         set_attributes(scoped, model.mame, _mame_padding_argument=family.padding_argument)
     for module in {id(m): m for m in (model, scoped)}.values():
@@ -288,6 +323,16 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int |
             swap_class(module, mixin, model.mame)
             set_attributes(module, model.mame, mame=model.mame)
     return model
+
+
+def _budget(family: _Family, tower: nn.Module, blocks: list[nn.Module], metric: str) -> Budget | None:
+    """The family's FLOP budget (`mame.budget.block_budget`) at its config's nominal size; None for text models."""
+    if family.patches is None:
+        return None
+    hidden = tower.config.hidden_size  # the token width, and heads x head dim in every family here
+    return block_budget(blocks[0], family.layout, dim=hidden, width=hidden, metric=metric,
+                        patches=attrgetter(family.patches.count)(tower), num_special=family.num_special,
+                        depth=len(blocks), embedding=attrgetter(family.patches.projection)(tower))
 
 
 def register_output_recording(model: nn.Module) -> None:

@@ -45,6 +45,7 @@ from torch import nn
 from mame.blocks import MergeRuntime, TokenState
 from mame.core import FusionPlan
 from mame.patch.base import Picklable, set_attributes, swap_class, unpatch
+from mame.patch.options import refuse_flops
 
 _STRATEGIES = ("default", "full")
 # The attribute of a forward's `TokenState` that keeps LLaVA's record of it (the state belongs to one forward of one
@@ -372,14 +373,17 @@ def patch_llava(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: in
                 **options) -> nn.Module:
     """Apply MaMe in place to the vision tower of a transformers `LlavaForConditionalGeneration`, so that fewer image
     tokens reach the language model (see the module's docstring); ``options`` are `mame.patch.hf`'s (defaults
-    included: ``batch_rule="per_sample"`` keeps every image's own count). ``layers`` index the tower's blocks and must
-    all come before ``config.vision_feature_layer``'s hidden state. Undo with ``mame.unpatch(model)``."""
+    included: ``batch_rule="per_sample"`` keeps every image's own count), all but ``flops``: a FLOP budget is
+    refused. ``layers`` index the tower's blocks and must all come before ``config.vision_feature_layer``'s hidden
+    state. Undo with ``mame.unpatch(model)``."""
     try:
         from transformers import LlavaForConditionalGeneration
     except ImportError as error:  # the optional extra
         raise ImportError("mame.patch.llava needs transformers: pip install 'mame[hf]'") from error
     if not isinstance(model, LlavaForConditionalGeneration):
         raise ValueError(f"patch_llava takes a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
+    refuse_flops(options.get("flops"), "LLaVA", "most of its FLOPs are its language model's, on prompts whose length "
+                 "is known only at run time")
     from mame.patch.hf import patch_hf  # hf dispatches LLaVA here: imported late, as hf imports this module late
 
     unpatch(model)

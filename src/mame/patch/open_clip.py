@@ -16,6 +16,7 @@ never patched. Refused: scaled cosine attention, non-batch-first towers, ``forwa
 
 from __future__ import annotations
 
+import math
 from operator import attrgetter
 from typing import Sequence
 
@@ -25,9 +26,10 @@ from torch import nn
 
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
+from mame.budget import block_budget
 from mame.patch.base import ScopedForward, set_attributes, swap_class, unpatch
 from mame.patch.hf import SizeAwarePooling
-from mame.patch.options import install_mame
+from mame.patch.options import install_mame, resolve_preset
 
 
 def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,21 +139,32 @@ def _layout(tower: nn.Module) -> BlockLayout:
     return layouts.pop()
 
 
-def patch_open_clip(model: nn.Module, tau: float | Sequence[float] = 0.8, layers: int | Sequence[int] = 8, *,
+def patch_open_clip(model: nn.Module, tau: float | Sequence[float] | None = None,
+                    layers: int | Sequence[int] | None = None, *, flops: float | None = None,
                     batch_rule: str = "per_sample", partition: str = "alternating", prune: bool = True,
                     size_weighted: bool = False, proportional_attention: bool = True, packed: bool = True,
                     check: bool = False, metric: str = "x", similarity: str = "cosine", seed: int = 0) -> nn.Module:
-    """Apply MaMe in place to an open_clip image tower, with the options and defaults of `mame.patch.timm` (see
-    there). ``model``: a `CLIP`, `CustomTextCLIP` or `CoCa` (its ``visual`` is patched and opens each forward's state,
-    so ``encode_image`` and ``model(image, text)`` merge; the text tower stays untouched) or a bare
-    `VisionTransformer`. ``model.mame`` holds the settings and counts; undo with ``mame.unpatch(model)``."""
+    """Apply MaMe in place to an open_clip image tower, with the options of `mame.patch.timm` (see there) and the
+    paper's defaults (timm's ``preset="paper"``): τ = 0.8 (``tau=None``) on the first 8 blocks (``layers=None``), the
+    tokens as metric, pruning. ``flops`` (not with ``tau``) is a FLOP budget instead, as in `mame.patch.timm`: the
+    FLOP ratio (e.g. 2.0 = half) at the tower's image size, counted from its blocks' attention and MLP and its patch
+    convolution; every block merges then (unless ``layers`` is given), metric and pruning stay as given or the
+    defaults above, and a batch stays rectangular. ``model``: a `CLIP`, `CustomTextCLIP` or `CoCa` (its ``visual`` is
+    patched and opens each forward's state, so ``encode_image`` and ``model(image, text)`` merge; the text tower stays
+    untouched) or a bare `VisionTransformer`. ``model.mame`` holds the settings and counts; undo with
+    ``mame.unpatch(model)``."""
     tower = _tower(model)
     unpatch(model)  # describe the original classes
     layout = _layout(tower)
-    install_mame(model, list(tower.transformer.resblocks), layout, 1, PatchedVisionTransformer, tau=tau,
-                 layers=layers, scoped=None if tower is model else tower, batch_rule=batch_rule, partition=partition,
-                 prune=prune, size_weighted=size_weighted, proportional_attention=proportional_attention,
-                 packed=packed, check=check, metric=metric, similarity=similarity, seed=seed)
+    blocks = list(tower.transformer.resblocks)
+    chosen = resolve_preset("paper", tau, layers, flops, metric, prune, len(blocks))
+    width = tower.transformer.width  # the token width, and heads x head dim in both attention kinds
+    budget = block_budget(blocks[0], layout, dim=width, width=width, metric=chosen["metric"],
+                          patches=math.prod(tower.grid_size), num_special=1, depth=len(blocks), embedding=tower.conv1)
+    install_mame(model, blocks, layout, 1, PatchedVisionTransformer, scoped=None if tower is model else tower,
+                 batch_rule=batch_rule, partition=partition, size_weighted=size_weighted,
+                 proportional_attention=proportional_attention, packed=packed, check=check, budget=budget,
+                 similarity=similarity, seed=seed, **chosen)
     pools = [tower.attn_pool]  # a 'cascade' contrastive pool reads the first pool's outputs, not the tokens
     if getattr(tower, "attn_pool_type", "") == "parallel":
         pools.append(tower.attn_pool_contrastive)

@@ -3,11 +3,12 @@ patch time and installed through `mame.patch.base.install` (`install_mame`)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
 from mame.blocks import METRICS, BlockLayout, MameMerge, Merger, MergeRuntime
+from mame.budget import Budget
 from mame.core import check_options, check_tau
 from mame.patch.base import ScopedForward, install
 
@@ -55,7 +56,9 @@ def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int
     ``"default"``: the settings that kept accuracy best at a given FLOP ratio in benchmarks/accuracy_study.md: the
     attention keys as metric, no pruning, every block, and a FLOP budget (``DEFAULT_FLOPS``) when no τ is given.
     ``"paper"``: the paper's literal operator: the tokens as metric, pruning (eqs 5-8), τ = 0.8 on the first 8
-    blocks. Returns ``tau``, ``flops`` (one of them None), ``layers``, ``metric`` and ``prune``.
+    blocks; with a FLOP budget (``flops``), every block, as the budget spreads its merges over all of them. The
+    defaults of `mame.patch.hf` and `mame.patch.open_clip` are this preset's. Returns ``tau``, ``flops`` (one of
+    them None), ``layers``, ``metric`` and ``prune``.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
@@ -64,9 +67,16 @@ def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int
     paper = preset == "paper"
     if tau is None and flops is None:
         tau, flops = (0.8, None) if paper else (None, DEFAULT_FLOPS)
-    return dict(tau=tau, flops=flops, layers=(8 if paper else depth) if layers is None else layers,
+    first_eight = paper and flops is None
+    return dict(tau=tau, flops=flops, layers=(8 if first_eight else depth) if layers is None else layers,
                 metric=("x" if paper else "keys") if metric is None else metric,
                 prune=paper if prune is None else prune)
+
+
+def refuse_flops(flops: float | None, model: str, why: str) -> None:
+    """Raise a ValueError for a FLOP budget (``flops`` not None) on a model that cannot take one, saying ``why``."""
+    if flops is not None:
+        raise ValueError(f"flops={flops!r}: {model} takes a similarity threshold (tau), not a FLOP budget: {why}")
 
 
 def mame_mergers(
@@ -94,20 +104,21 @@ def mame_mergers(
 
 
 def install_mame(model: nn.Module, blocks: list[nn.Module], layout: BlockLayout, num_special: int,
-                 model_mixin: type[ScopedForward], *, tau: float | Sequence[float], layers: int | Sequence[int],
+                 model_mixin: type[ScopedForward], *, tau: float | Sequence[float] | None, layers: int | Sequence[int],
                  batch_rule: str, partition: str, prune: bool, size_weighted: bool, proportional_attention: bool,
                  packed: bool, check: bool, metric: str, scoped: nn.Module | None = None,
                  discard_preserved: bool = False, flops: float | None = None,
-                 budget: Callable[[tuple[int, ...], float], float] | None = None, similarity: str = "cosine",
+                 budget: Budget | None = None, similarity: str = "cosine",
                  seed: int = 0) -> nn.Module:
     """Check the options of `patch_timm` (the same for every family) and patch ``blocks`` described by ``layout``
     (``scoped``: see `mame.patch.base.install`). With ``flops`` instead of ``tau``, ``budget(layers, flops)`` gives
-    the share of tokens each merging block removes (`mame.budget.share_for_flops` on the family's block costs)."""
+    the share of tokens each merging block removes (`mame.budget.block_budget`; None: the family takes no budget)."""
     indices = resolve_layers(layers, len(blocks))
     share = None
     if flops is not None:
         if budget is None:
-            raise ValueError("this model family takes a similarity threshold tau, not a FLOP budget")
+            refuse_flops(flops, type(model).__name__, "its token count (a text model's sequence length) is "
+                         "known only at run time")
         share, taus = budget(indices, flops), (1.0,) * len(indices)
     else:
         taus = resolve_taus(tau, len(indices))

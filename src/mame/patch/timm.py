@@ -7,15 +7,14 @@ size (so merged and unmerged models pool the same image area) and attention pool
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from mame.attention import AttentionLayout
 from mame.blocks import BlockLayout
-from mame.budget import BlockCost, linear_flops_per_token, share_for_flops
+from mame.budget import Budget, block_budget
 from mame.patch.base import ScopedForward
 from mame.patch.options import install_mame, resolve_preset
 
@@ -161,24 +160,14 @@ def pool_tokens(model: nn.Module, x: torch.Tensor, sizes: torch.Tensor, pool_typ
     return {"avg": avg, "max": peak, "avgmax": 0.5 * (avg + peak)}[pool_type]
 
 
-def timm_budget(model: nn.Module, metric: str) -> Callable[[tuple[int, ...], float], float]:
+def timm_budget(model: nn.Module, metric: str) -> Budget:
     """``budget(layers, flops)`` for `install_mame`: the share of tokens each merging block removes for a FLOP
-    ratio of ``flops`` at the model's own input size (`mame.budget`)."""
+    ratio of ``flops`` at the model's own input size (`mame.budget.block_budget`)."""
     attn = model.blocks[0].attn
-    width = attn.num_heads * attn.head_dim
-    metric_width = {"x": model.embed_dim, "keys_mean": attn.head_dim}.get(metric, width)
-    cost = BlockCost(linear_flops_per_token(attn), linear_flops_per_token(model.blocks[0].mlp), width, metric_width)
     embed = model.patch_embed
-    patches = embed.num_patches
-    conv = embed.proj
-    fixed = (2 * patches * conv.in_channels * conv.out_channels * math.prod(conv.kernel_size) // conv.groups
-             if isinstance(conv, nn.Conv2d) else 0)
-
-    def budget(layers: tuple[int, ...], flops: float) -> float:
-        return share_for_flops(flops, cost, patches + model.num_prefix_tokens, model.num_prefix_tokens, layers,
-                               len(model.blocks), fixed)
-
-    return budget
+    return block_budget(model.blocks[0], TIMM_LAYOUT, dim=model.embed_dim, width=attn.num_heads * attn.head_dim,
+                        metric=metric, patches=embed.num_patches, num_special=model.num_prefix_tokens,
+                        depth=len(model.blocks), embedding=embed.proj)
 
 
 def patch_timm(
@@ -214,7 +203,7 @@ def patch_timm(
         tau: similarity threshold, one float or one per patched block (0.8 is the paper's training-free setting).
             Not with ``flops``.
         layers: an int K (the first K blocks; the paper uses 8) or a list of block indices. Default: every block
-            (``preset="paper"``: the first 8).
+            (``preset="paper"`` without ``flops``: the first 8).
         flops: a FLOP budget instead of τ: the FLOP ratio (unmodified / merged, e.g. 2.0 = half) at the model's
             input size, counted as `mame.bench` counts it. Every merging block removes the same share of the
             mergeable tokens reaching it, and each image merges its most similar sources at its own threshold
