@@ -108,7 +108,7 @@ def test_hf_patch_equals_timm_patch(family, batch_rule):
     x = images()
     with torch.no_grad():
         mame.patch.hf(hf, tau=0.2, layers=DEPTH, batch_rule=batch_rule)
-        mame.patch.timm(twin, tau=0.2, layers=DEPTH, batch_rule=batch_rule)
+        mame.patch.timm(twin, tau=0.2, layers=DEPTH, batch_rule=batch_rule, preset="paper")
         got, expected = hf(x), twin.forward_features(x)
     assert hf.mame.last_token_counts == twin.mame.last_token_counts
     assert hf.mame.last_token_counts[-1] < (IMG // PATCH) ** 2 + 1  # it merged
@@ -175,7 +175,7 @@ def test_real_dinov2_in_transformers_merges_exactly_as_in_timm(real_model, real_
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, twin.forward_features(x), atol=1e-4,
                                    rtol=1e-4)
         mame.patch.hf(hf, tau=0.8, layers=8)
-        mame.patch.timm(twin, tau=0.8, layers=8)
+        mame.patch.timm(twin, tau=0.8, layers=8, preset="paper")
         got, expected = hf(pixel_values=x).last_hidden_state, twin.forward_features(x)
     assert hf.mame.last_token_counts == twin.mame.last_token_counts
     assert hf.mame.last_token_counts[7] < 200  # the photos merge
