@@ -255,7 +255,8 @@ def eval_command(
     tau: list[float] = typer.Option([], help="thresholds of the paper's MaMe operator (preset 'paper'; repeat the "
                                              "option for several), each with every --options setting"),
     layers: int = typer.Option(8, help="blocks of --tau: the first K"),
-    tome_r: list[int] = typer.Option([12, 16, 20], help="ToMe r values (0 to skip); r = 20 is about 2x FLOPs on 224 px ViT-S"),
+    tome_r: list[int] = typer.Option([12, 16, 20], help="ToMe r values (0 to skip); r = 20 is about 2x FLOPs on "
+                                                         "a 224 px ViT-S"),
     options: list[str] = typer.Option(["plain", "prop", "size"],
                                       help="settings per --tau: 'plain' (the paper's operator), 'prop' (proportional "
                                            "attention), 'size' (size-weighted merging), 'both' (prop and size)"),

@@ -477,7 +477,8 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
 
         try:
             mame.patch.timm(model, tau=config.tau, layers=list(config.mame_blocks), batch_rule="per_sample",
-                            preset="paper", discard_preserved=config.halve, proportional_attention=config.proportional_attention)
+                            preset="paper", discard_preserved=config.halve,
+                            proportional_attention=config.proportional_attention)
         except ValueError as error:
             raise ValueError(f"mame_blocks={list(config.mame_blocks)}: {error}") from error
     return model
