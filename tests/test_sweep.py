@@ -61,6 +61,7 @@ def test_sweep_writes_a_line_per_point_and_resumes(tiny_vit, tmp_path, monkeypat
     for record in records:
         assert 0 <= record["knn"] <= 1 and 0 <= record["probe"] <= 1
         assert record["flop_ratio"] > 0 and record["speedup"] > 0 and len(record["tokens_per_block"]) == 4
+        assert "load_average_1min" in record
     by_label = {record["label"]: record for record in records}
     assert by_label["unmodified"]["tokens"] == 17 and by_label["unmodified"]["flop_ratio"] == 1
     assert by_label["ToMe r=2"]["tokens"] == 17 - 4 * 2

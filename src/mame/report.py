@@ -87,11 +87,14 @@ def sweep_section(records: Sequence[dict[str, Any]], name: str) -> str:
     """The best point per method at 1.5x / 2x / 3x FLOP ratio, every point, and the sweep's plots."""
     parts = [f"<h2>Sweep: {html.escape(name)}</h2>"]
     first = records[0]
+    loads = [r["load_average_1min"] for r in records if r.get("load_average_1min") is not None]
     parts.append(f'<p class="note">{len(records)} points; model {html.escape(str(first.get("model", "?")))}, data '
                  f'{html.escape(str(first.get("data", "?")))} ({first.get("n_train", "?")} train, '
                  f'{first.get("n_test", "?")} test images); speed-up: median of {first.get("pairs", "?")} '
                  f'interleaved pairs on a batch of {first.get("timing_batch", "?")} at {first.get("threads", "?")} '
-                 "thread(s), against the unmodified model in the same process.</p>")
+                 "thread(s), against the unmodified model in the same process"
+                 + (f"; 1-minute load average {min(loads):.1f}–{max(loads):.1f} while measuring (above 0.5 per thread "
+                    "another process shared the CPU: speed-ups are rough)" if loads else "") + ".</p>")
     metrics = sweep.accuracy_keys(records)
     reference = next((r for r in records if r["method"] == "none"), {})
     for metric in metrics:

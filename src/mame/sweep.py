@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from mame.bench import BlockTokens, count_flops, paired_speedup
+from mame.bench import BlockTokens, count_flops, load_average, paired_speedup
 from mame.evaluate import knn_accuracy, probe_accuracy
 from mame.methods import method
 
@@ -253,8 +253,10 @@ def run(model: nn.Module, points: Sequence[Point], data: SweepData, out: str | P
                                            warmup=1)
                 record.update(flops=flops, flop_ratio=baseline_flops / flops, speedup=speed.ratio,
                               speedup_low=speed.ratio_low, speedup_high=speed.ratio_high)
+            # the load average at the end of the point: timings taken while other processes load the CPU mean little
             record.update(baseline_flops=baseline_flops, timing_batch=len(data.timing), pairs=pairs,
-                          threads=torch.get_num_threads(), seconds=time.perf_counter() - start)
+                          threads=torch.get_num_threads(), load_average_1min=load_average(),
+                          seconds=time.perf_counter() - start)
             _append(out, record)
             done[record["key"]] = record
             bar.remove_task(task)
