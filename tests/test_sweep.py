@@ -97,7 +97,7 @@ def test_every_registered_method_patches_and_unpatches(tiny_vit):
     with torch.inference_mode():
         reference = tiny_vit(x)
     for name, entry in METHODS.items():
-        settings = {"tau": 0.5, "blocks": 2} if name == "mame" else ({entry.param: entry.grid[-1]} if entry.param
+        settings = {"tau": 0.5, "blocks": 2} if name == "mame" else ({entry.param: entry.grid[0]} if entry.param
                                                                       else {})
         patched = entry.apply(tiny_vit, settings)
         with torch.inference_mode():

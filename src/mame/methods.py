@@ -34,6 +34,11 @@ def _mame(model: nn.Module, tau: float, blocks: int, partition: str = "alternati
     return model
 
 
+def _mame_flops(model: nn.Module, flops: float) -> nn.Module:
+    """MaMe as the library patches by default: a FLOP budget, every image merging at its own threshold."""
+    return mame.patch.timm(model, flops=float(flops))
+
+
 def _tome(model: nn.Module, r: int) -> nn.Module:
     return tome.patch_timm(model, r=int(r))
 
@@ -90,11 +95,11 @@ class Method:
 METHODS: dict[str, Method] = {
     "none": Method("none", "unmodified", "", (), _unchanged),
     "mame": Method("mame", "MaMe", "tau", (0.95, 0.9, 0.85, 0.8, 0.75, 0.7), _mame),
+    "mame_flops": Method("mame_flops", "MaMe (FLOP budget)", "flops", (1.5, 2.0, 3.0, 4.0), _mame_flops),
     "tome": Method("tome", "ToMe", "r", (2, 4, 8, 12, 16, 20), _tome),
     "evit": Method("evit", "EViT", "keep_rate", (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), _evit),
     "pitome": Method("pitome", "PiToMe", "r", (2, 4, 8, 12, 16, 20), _pitome),
 }
-BASELINES = tuple(name for name in METHODS if name not in ("none", "mame"))
 
 
 def method(name: str) -> Method:
