@@ -93,8 +93,10 @@ def sweep_section(records: Sequence[dict[str, Any]], name: str) -> str:
                  f'{first.get("n_test", "?")} test images); speed-up: median of {first.get("pairs", "?")} '
                  f'interleaved pairs on a batch of {first.get("timing_batch", "?")} at {first.get("threads", "?")} '
                  "thread(s), against the unmodified model in the same process"
-                 + (f"; 1-minute load average {min(loads):.1f}–{max(loads):.1f} while measuring (above 0.5 per thread "
-                    "another process shared the CPU: speed-ups are rough)" if loads else "") + ".</p>")
+                 + (f"; 1-minute load average {min(loads):.1f}–{max(loads):.1f} while measuring"
+                    + ("" if len(loads) == len(records) else f" (recorded for {len(loads)} of the points)")
+                    + " (above 0.5 per thread another process shared the CPU: speed-ups are rough)" if loads else "")
+                 + ".</p>")
     metrics = sweep.accuracy_keys(records)
     reference = next((r for r in records if r["method"] == "none"), {})
     for metric in metrics:
@@ -107,7 +109,7 @@ def sweep_section(records: Sequence[dict[str, Any]], name: str) -> str:
         parts.append(table(rows))
     points = []
     for record in sorted(records, key=lambda r: (r["method"] != "none", r["method"], -r["flop_ratio"])):
-        row = {"setting": record["label"]}
+        row = {"setting": record["label"], "batch rule": record.get("batch_rule", "")}
         row.update({f"{metric} %": round(100 * record[metric], 1) for metric in metrics if metric in record})
         row.update({"tokens": round(record["tokens"], 1), "FLOP ratio": round(record["flop_ratio"], 2),
                     "speed-up": round(record["speedup"], 2),

@@ -348,14 +348,20 @@ def plot(records: Sequence[dict[str, Any]], out_dir: str | Path, prefix: str = "
     reference = next((r for r in records if r["method"] == "none"), None)
     series = _alternating_series(records)
     written = []
+    # one colour per series across all figures; matplotlib's default cycle repeats after 10, a sweep has more
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    colours: dict[str, Any] = {}
+
+    def colour(name: str) -> Any:
+        return colours.setdefault(name, palette[len(colours) % len(palette)])
 
     if series:
         figure, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.6), squeeze=False)
         for name, points in series.items():
             taus = [r["tau"] for r in points]
             for axis, metric in zip(axes[0], metrics):
-                axis.plot(taus, [100 * r[metric] for r in points], marker="o", label=name)
-            axes[0][-1].plot(taus, [r["speedup"] for r in points], marker="o", label=name)
+                axis.plot(taus, [100 * r[metric] for r in points], marker="o", label=name, color=colour(name))
+            axes[0][-1].plot(taus, [r["speedup"] for r in points], marker="o", label=name, color=colour(name))
         for axis, metric in zip(axes[0], metrics):
             if reference is not None:
                 axis.axhline(100 * reference[metric], color="grey", linestyle="--", label="unmodified")
@@ -381,7 +387,7 @@ def plot(records: Sequence[dict[str, Any]], out_dir: str | Path, prefix: str = "
                     ordered = sorted(points, key=lambda r: r[x])
                     style = "o" if name == "unmodified" else ("x" if "partition" in name else "o-")
                     axis.plot([r[x] for r in ordered], [100 * r[metric] for r in ordered], style, label=name,
-                              markersize=5)
+                              markersize=5, color=colour(name))
                 if x == "flop_ratio":  # the budgets the summary table (`best_at`) reads the front at
                     for ratio in (1.5, 2.0, 3.0):
                         axis.axvline(ratio, color="grey", linewidth=0.6, linestyle=":")
