@@ -633,7 +633,7 @@ def _last_tokens(panels, method_label: str) -> float:
 def sweep(
     model: str = typer.Option("dinov2_vits14_imgfocus", help=MODEL_HELP),
     tau: str = typer.Option("0.7:0.95:0.05", help="MaMe thresholds: start:stop:step (stop included) or a comma "
-                                                  "list"),
+                                                  "list ('' for baselines only)"),
     blocks: str = typer.Option("4,8,12", help="comma-separated block counts: MaMe on the first K blocks"),
     partition: str = typer.Option("alternating", help="comma-separated partitions: alternating, random, "
                                                       "sequential"),
