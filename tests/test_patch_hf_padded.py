@@ -215,7 +215,8 @@ def test_patch_auto_picks_the_family():
 
     bert = mame.patch.auto(tiny_bert(), tau=0.5, layers=2)
     assert bert.mame.layers == (0, 1) and type(bert).__name__ == "MameBertModel"
-    vit = mame.patch.auto(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2), layers=2)
+    vit = mame.patch.auto(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2), tau=0.5,
+                          layers=2)
     assert type(vit).__name__ == "MameVisionTransformer"
     mame.patch.auto(bert, tau=0.9, layers=1)  # an already patched model is re-patched by its own family
     assert bert.mame.layers == (0,)

@@ -351,13 +351,13 @@ def test_eval_is_still_the_fashion_mnist_command(monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_variants", lambda net, variants, **kwargs: calls.append(
         ([variant.name for variant in variants], kwargs)) or [])
     for args in (["vit_tiny_patch16_224", "--n-train", "3", "--n-test", "2", "--tau", "0.5", "--options", "plain",
-                  "--tome-r", "0"],
+                  "--tome-r", "0", "--flops", "0"],
                  ["--n-train", "3", "--n-test", "2", "vit_tiny_patch16_224", "--tau", "0.5", "--options", "plain",
-                  "--tome-r", "0"]):
+                  "--tome-r", "0", "--flops", "0"]):
         calls.clear()
         result = invoke("eval", *args)
         assert result.exit_code == 0, result.output
-        assert calls == ["vit_tiny_patch16_224", (["unmodified", "MaMe τ=0.5"],
+        assert calls == ["vit_tiny_patch16_224", (["unmodified", "MaMe paper τ=0.5"],
                                                   {"n_train": 3, "n_test": 2, "seed": 0, "batch_size": 32,
                                                    "dataset": "fashion_mnist"})]
     calls.clear()
