@@ -1,5 +1,6 @@
 """`mame sweep`: the grid, one JSON line per point, resuming without redoing points, the plots and the summaries."""
 
+import copy
 import json
 
 import pytest
@@ -138,3 +139,14 @@ def test_records_are_plain_json_keyed_by_their_settings(tiny_vit, tmp_path):
     assert [key["method"] for key in keys] == ["none", "mame", "tome"]
     assert keys[1]["tau"] == 0.5 and keys[1]["blocks"] == 1 and keys[2]["r"] == 1
     assert all(key["data"] == "random" and key["n_train"] == 16 for key in keys)
+
+
+def test_random_partition_seeds_differ(tiny_vit):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for seed in (0, 1, 0):
+        settings = {"tau": -0.5, "blocks": 2, "partition": "random", "seed": seed, "batch_rule": "any"}
+        patched = METHODS["mame"].apply(copy.deepcopy(tiny_vit), settings)
+        with torch.inference_mode():
+            outputs.append(patched(x))
+    assert torch.equal(outputs[0], outputs[2]) and not torch.allclose(outputs[0], outputs[1])  # the seed is used

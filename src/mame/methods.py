@@ -9,7 +9,6 @@ baseline joins every sweep, plot and merge map with one entry in `METHODS`:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -23,15 +22,9 @@ def _mame(model: nn.Module, tau: float, blocks: int, partition: str = "alternati
           batch_rule: str = "per_sample") -> nn.Module:
     """The paper's MaMe (the tokens as metric, pruning) at ``tau`` on the first ``blocks`` blocks. A random
     partition needs the paper's batch rule (``"any"``) as soon as more than one block merges (`mame.patch.timm`
-    refuses it otherwise), and its ``seed`` is set on every block's merger, since the patch function itself has no
-    seed argument."""
-    mame.patch.timm(model, tau=tau, layers=blocks, partition=partition, batch_rule=batch_rule, metric="x", prune=True)
-    if seed:
-        for block in model.blocks:
-            merger = getattr(block, "_mame_merger", None)
-            if merger is not None:
-                object.__setattr__(block, "_mame_merger", dataclasses.replace(merger, seed=seed))
-    return model
+    refuses it otherwise)."""
+    return mame.patch.timm(model, tau=tau, layers=blocks, partition=partition, seed=seed, batch_rule=batch_rule,
+                           metric="x", prune=True)
 
 
 def _mame_flops(model: nn.Module, flops: float) -> nn.Module:
