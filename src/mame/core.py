@@ -194,6 +194,7 @@ def fusion_weights(
         sparse = (similarity - tau).clamp_(0.0, ceiling - tau)
     else:
         sample_tau, chosen = budget_threshold(similarity, merge_count, prune, pair_mask)
+        sample_tau = sample_tau.clamp(max=ceiling)  # a cosine rounded past 1 must not make 1 - tau negative
         sparse = torch.minimum((similarity - sample_tau).clamp_(min=0.0), ceiling - sample_tau)
         pair_mask = chosen if pair_mask is None else pair_mask * chosen
     if pair_mask is not None:
@@ -235,7 +236,7 @@ def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor, prune:
     first_out = ordered.gather(1, count.clamp_max(ordered.shape[1] - 1).unsqueeze(1)).squeeze(1)
     first_out = torch.where(count < mergeable, first_out, torch.full_like(first_out, -1.0))
     tau = torch.minimum((last_in + first_out) / 2, last_in - 1e-3)
-    tau = torch.where(count > 0, tau, torch.ones_like(tau)).clamp(-1.0, 1.0)
+    tau = torch.where(count > 0, tau, torch.ones_like(tau))  # with no source chosen, `chosen` zeroes every column
     rank = order.argsort(dim=1)
     chosen = (rank < count.unsqueeze(1)).unsqueeze(1).to(similarity.dtype)
     return tau.view(-1, 1, 1), chosen
