@@ -853,11 +853,17 @@ def _check_resume(config: TrainConfig, saved: dict[str, Any]) -> None:
         raise ValueError(f"resume needs the settings the checkpoint was trained with; these differ: {details}")
 
 
-def close() -> None:
-    """Tear down the process group (torchrun jobs), if one is open."""
+def close(together: bool = True) -> None:
+    """Tear down the process group (torchrun jobs), if one is open.
+
+    ``together``: wait at a barrier first, so that no process closes its gloo connections while a peer still uses
+    them (a peer that closes first can abort the other at exit with "terminate called without an active
+    exception"). Off on an error path, where the other processes may never reach the barrier."""
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
+        if together:
+            td.barrier()
         td.destroy_process_group()
 
 

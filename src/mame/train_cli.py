@@ -118,7 +118,7 @@ def train_command(
     try:
         result = train(config, console=console)
     except (ValueError, FileNotFoundError) as error:
-        close()
+        close(together=False)
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(2)
     close()
