@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import mame
-from mame import data as mame_data
 from mame import sweep
 from mame.methods import METHODS
+from test_data import needs_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread_for_module")
 
@@ -108,7 +108,7 @@ def test_every_registered_method_patches_and_unpatches(tiny_vit):
             assert torch.equal(tiny_vit(x), reference), name
 
 
-@pytest.mark.skipif(not mame_data.fashion_mnist_available(), reason="needs Debian's dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_fashion_mnist_data_at_the_model_size(tiny_vit):
     data = sweep.labelled_data(tiny_vit, "fashion_mnist", 20, 10, batch_size=8)
     batches = list(data.train_batches())
