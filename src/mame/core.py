@@ -237,8 +237,9 @@ def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor, prune:
     first_out = torch.where(count < mergeable, first_out, torch.full_like(first_out, -1.0))
     tau = torch.minimum((last_in + first_out) / 2, last_in - 1e-3)
     tau = torch.where(count > 0, tau, torch.ones_like(tau))  # with no source chosen, `chosen` zeroes every column
-    rank = order.argsort(dim=1)
-    chosen = (rank < count.unsqueeze(1)).unsqueeze(1).to(similarity.dtype)
+    # The first `count` places of the order, written back to the sources' own positions (no second sort).
+    in_budget = torch.arange(order.shape[1], device=order.device) < count.unsqueeze(1)
+    chosen = torch.zeros_like(key).scatter_(1, order, in_budget.to(key.dtype)).unsqueeze(1).to(similarity.dtype)
     return tau.view(-1, 1, 1), chosen
 
 
