@@ -98,10 +98,14 @@ def _option(name: str, what: str, per_block: bool = True, layers: int | None = N
 # The options below name their differences from the paper's operator, so they start from its preset.
 PAPER = {"preset": "paper"}
 OPTIONS = {option.name: option for option in [
-    _option("default", "the library's default, `mame.patch.timm(model, flops=target)`: every image merges the same "
-            "share of its tokens in every block at its own threshold (geometric schedule, all 12 blocks), keys, no "
-            "pruning; nothing fitted", prototype="budget"),
-    _option("default-tau0.8", "today's default: τ = 0.8 on the first 8 blocks, metric x (not fitted)",
+    _option("budget-plain", "the per-image FLOP budget, `mame.patch.timm(model, flops=target, size_weighted=False)`: "
+            "every image merges the same share of its tokens in every block at its own threshold (geometric schedule, "
+            "all 12 blocks), keys, no pruning, eq 9's plain average; nothing fitted (the library's default before "
+            "`budget-size`)", prototype="budget", size_weighted=False),
+    _option("budget-size", "`budget-plain` with size-weighted fusion (a token standing for 5 patches weighs 5 when "
+            "fused, as in ToMe): the library's default, `mame.patch.timm(model, flops=target)`", prototype="budget",
+            size_weighted=True),
+    _option("default-tau0.8", "the default before the budget: τ = 0.8 on the first 8 blocks, metric x (not fitted)",
             per_block=False, layers=8, fixed_tau=0.8),
     _option("shared-x-8", "one τ fitted for the target, first 8 blocks, metric x (the paper's operator)",
             per_block=False, layers=8),

@@ -96,15 +96,29 @@ def test_flop_budget_is_met_as_counted(flops):
     assert base / count_flops(patched, x) == pytest.approx(flops, rel=0.03)
 
 
-def test_default_is_a_two_times_budget_on_keys_without_pruning():
+def test_default_is_a_two_times_budget_on_keys_without_pruning_size_weighted():
     model = mame.patch.timm(make_vit())
     settings_ = model.mame.settings
     assert settings_["flops"] == 2.0 and "tau" not in settings_
-    assert settings_["metric"] == "keys" and settings_["prune"] is False
+    assert settings_["metric"] == "keys" and settings_["prune"] is False and settings_["size_weighted"] is True
     assert settings_["layers"] == tuple(range(6))
     paper = mame.patch.timm(make_vit(), preset="paper", layers=3)
     assert paper.mame.settings["tau"] == (0.8,) * 3 and paper.mame.settings["metric"] == "x"
-    assert paper.mame.settings["prune"] is True
+    assert paper.mame.settings["prune"] is True and paper.mame.settings["size_weighted"] is False
+
+
+def test_default_fuses_weighted_by_size():
+    """From the second merging block on tokens stand for several patches, so the weighted and the plain average
+    differ; the default must be the weighted one, and saying so explicitly must not change it."""
+    model = make_vit()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    outputs = {}
+    with torch.no_grad():
+        for name, options in {"default": {}, "weighted": {"size_weighted": True},
+                              "plain": {"size_weighted": False}}.items():
+            outputs[name] = mame.patch.timm(copy.deepcopy(model), **options)(x)
+    torch.testing.assert_close(outputs["default"], outputs["weighted"])
+    assert not torch.allclose(outputs["default"], outputs["plain"], atol=1e-4)
 
 
 def test_budget_batch_is_rectangular_and_each_image_merges_as_alone():

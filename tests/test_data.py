@@ -19,6 +19,7 @@ from mame.data import (
     fashion_mnist_available,
     fashion_mnist_raw,
     fit_image,
+    labelled_raw,
     preprocess,
     sample_photos,
     to_model_input,
@@ -108,3 +109,27 @@ def test_fashion_mnist_full_splits() -> None:
         images, labels = fashion_mnist_raw(split)
         assert images.shape == (count, 28, 28)
         assert np.array_equal(labels.bincount().numpy(), np.full(10, count // 10))
+
+
+def test_digits_splits_are_fixed_and_partition_the_set() -> None:
+    """scikit-learn's digits: a fixed fifth is the test split whatever the seed, the two splits together are the
+    whole set (each image once), and subsets are seeded prefixes."""
+    from sklearn.datasets import load_digits
+
+    train, train_labels = labelled_raw("digits", "train")
+    test, test_labels = labelled_raw("digits", "test")
+    assert train.shape == (1438, 8, 8) and test.shape == (359, 8, 8) and train.dtype == torch.uint8
+    assert int(train.max()) == 255 and int(train.min()) == 0
+    assert set(train_labels.tolist()) == set(range(10)) == set(test_labels.tolist())
+
+    def rows(images: torch.Tensor, labels) -> list[tuple]:
+        return sorted(tuple(image.flatten().tolist()) + (int(label),) for image, label in zip(images, labels))
+
+    bunch = load_digits()
+    whole = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8))
+    assert rows(torch.cat([train, test]), torch.cat([train_labels, test_labels])) == rows(whole, bunch.target)
+    small, small_labels = labelled_raw("digits", "test", n=16, seed=3)
+    again, _ = labelled_raw("digits", "test", n=32, seed=3)
+    assert torch.equal(small, again[:16]) and small_labels.shape == (16,)
+    with pytest.raises(ValueError, match="359 images"):
+        labelled_raw("digits", "test", n=400)

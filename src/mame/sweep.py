@@ -113,7 +113,7 @@ class SweepData:
 
 def labelled_data(model: nn.Module, dataset: str, n_train: int, n_test: int, *, seed: int = 0,
                   batch_size: int = 32) -> SweepData:
-    """Fashion-MNIST or MNIST (`mame.data.labelled_raw`) at the model's input size and normalisation: the same
+    """Fashion-MNIST, MNIST or digits (`mame.data.labelled_raw`) at the model's input size and normalisation: the same
     images and conversion as `mame.evaluate.evaluate_variants`."""
     from mame.data import labelled_raw, to_model_input
     from mame.evaluate import _input_size, _model_stats

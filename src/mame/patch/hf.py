@@ -308,9 +308,9 @@ def patch_hf(model: nn.Module, tau: float | Sequence[float] | None = None, layer
     scoped = tower if family.scope_tower else model
     mixin = ScopedForward if family.padding_argument is None else PaddedInputForward
     blocks = list(attrgetter(family.layers)(tower))
-    chosen = resolve_preset("paper", tau, layers, flops, metric, prune, len(blocks))
+    chosen = resolve_preset("paper", tau, layers, flops, metric, prune, len(blocks), size_weighted)
     install_mame(model, blocks, family.layout, family.num_special, mixin, scoped=scoped, batch_rule=batch_rule,
-                 partition=partition, size_weighted=size_weighted, proportional_attention=proportional_attention,
+                 partition=partition, proportional_attention=proportional_attention,
                  packed=packed, check=check, budget=_budget(family, tower, blocks, chosen["metric"]),
                  similarity=similarity, seed=seed, **chosen)
     if family.padding_argument is not None:

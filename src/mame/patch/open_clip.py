@@ -157,13 +157,12 @@ def patch_open_clip(model: nn.Module, tau: float | Sequence[float] | None = None
     unpatch(model)  # describe the original classes
     layout = _layout(tower)
     blocks = list(tower.transformer.resblocks)
-    chosen = resolve_preset("paper", tau, layers, flops, metric, prune, len(blocks))
+    chosen = resolve_preset("paper", tau, layers, flops, metric, prune, len(blocks), size_weighted)
     width = tower.transformer.width  # the token width, and heads x head dim in both attention kinds
     budget = block_budget(blocks[0], layout, dim=width, width=width, metric=chosen["metric"],
                           patches=math.prod(tower.grid_size), num_special=1, depth=len(blocks), embedding=tower.conv1)
     install_mame(model, blocks, layout, 1, PatchedVisionTransformer, scoped=None if tower is model else tower,
-                 batch_rule=batch_rule, partition=partition, size_weighted=size_weighted,
-                 proportional_attention=proportional_attention, packed=packed, check=check, budget=budget,
+                 batch_rule=batch_rule, partition=partition, proportional_attention=proportional_attention, packed=packed, check=check, budget=budget,
                  similarity=similarity, seed=seed, **chosen)
     pools = [tower.attn_pool]  # a 'cascade' contrastive pool reads the first pool's outputs, not the tokens
     if getattr(tower, "attn_pool_type", "") == "parallel":

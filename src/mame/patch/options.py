@@ -50,15 +50,16 @@ DEFAULT_FLOPS = 2.0  # the budget of `patch_timm` when neither tau nor flops is 
 
 
 def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int | Sequence[int] | None,
-                   flops: float | None, metric: str | None, prune: bool | None, depth: int) -> dict:
+                   flops: float | None, metric: str | None, prune: bool | None, depth: int,
+                   size_weighted: bool | None = None) -> dict:
     """The patch arguments a preset fills in where the caller left them out (None).
 
     ``"default"``: the settings that kept accuracy best at a given FLOP ratio in benchmarks/accuracy_study.md: the
-    attention keys as metric, no pruning, every block, and a FLOP budget (``DEFAULT_FLOPS``) when no τ is given.
-    ``"paper"``: the paper's literal operator: the tokens as metric, pruning (eqs 5-8), τ = 0.8 on the first 8
-    blocks; with a FLOP budget (``flops``), every block, as the budget spreads its merges over all of them. The
-    defaults of `mame.patch.hf` and `mame.patch.open_clip` are this preset's. Returns ``tau``, ``flops`` (one of
-    them None), ``layers``, ``metric`` and ``prune``.
+    attention keys as metric, no pruning, size-weighted fusion, every block, and a FLOP budget (``DEFAULT_FLOPS``)
+    when no τ is given. ``"paper"``: the paper's literal operator: the tokens as metric, pruning (eqs 5-8), eq 9's
+    plain average, τ = 0.8 on the first 8 blocks; with a FLOP budget (``flops``), every block, as the budget spreads
+    its merges over all of them. The defaults of `mame.patch.hf` and `mame.patch.open_clip` are this preset's.
+    Returns ``tau``, ``flops`` (one of them None), ``layers``, ``metric``, ``prune`` and ``size_weighted``.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
@@ -70,7 +71,8 @@ def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int
     first_eight = paper and flops is None
     return dict(tau=tau, flops=flops, layers=(8 if first_eight else depth) if layers is None else layers,
                 metric=("x" if paper else "keys") if metric is None else metric,
-                prune=paper if prune is None else prune)
+                prune=paper if prune is None else prune,
+                size_weighted=(not paper) if size_weighted is None else size_weighted)
 
 
 def refuse_flops(flops: float | None, model: str, why: str) -> None:
