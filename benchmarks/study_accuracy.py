@@ -101,9 +101,12 @@ OPTIONS = {option.name: option for option in [
     _option("budget-plain", "the per-image FLOP budget, `mame.patch.timm(model, flops=target, size_weighted=False)`: "
             "every image merges the same share of its tokens in every block at its own threshold (geometric schedule, "
             "all 12 blocks), keys, no pruning, eq 9's plain average; nothing fitted (the library's default before "
-            "`budget-size`)", prototype="budget", size_weighted=False),
+            "`budget-size`)", prototype="budget", prune=False, size_weighted=False),
     _option("budget-size", "`budget-plain` with size-weighted fusion (a token standing for 5 patches weighs 5 when "
-            "fused, as in ToMe): the library's default, `mame.patch.timm(model, flops=target)`", prototype="budget",
+            "fused, as in ToMe)", prototype="budget", prune=False, size_weighted=True),
+    _option("budget-prune-size", "`budget-size` with the paper's pruning (eqs 5-8) deciding where each chosen source "
+            "goes (its weights below their mean are dropped; a source whose weights are all equal keeps them): the "
+            "library's default, `mame.patch.timm(model, flops=target)`", prototype="budget", prune=True,
             size_weighted=True),
     _option("default-tau0.8", "the default before the budget: τ = 0.8 on the first 8 blocks, metric x (not fitted)",
             per_block=False, layers=8, fixed_tau=0.8),

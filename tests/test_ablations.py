@@ -184,7 +184,7 @@ def test_patched_vit_uses_the_similarity(kind):
 
     with torch.no_grad():
         ref, ref_sizes, counts = reference_features(model, x, reduce, proportional=True)
-        mame.patch.timm(model, tau=tau, layers=2, metric="x", prune=False, similarity=kind)
+        mame.patch.timm(model, tau=tau, layers=2, metric="x", prune=False, size_weighted=False, similarity=kind)
         feat = model.forward_features(x)
     assert model.mame.settings["similarity"] == kind
     assert model.mame.last_token_counts == counts and counts[1] < 17

@@ -13,26 +13,48 @@ from hypothesis import strategies as st
 import mame
 import mame.calibrate
 from mame.bench import count_flops
-from mame.core import budget_threshold, token_split
+from mame.core import budget_threshold, fusion_weights, token_split
 
 
 def test_budget_threshold_hand_computed():
     # One sample, 2 destinations x 3 sources: best similarities per source 0.9, 0.5, 0.7.
     similarity = torch.tensor([[[0.9, 0.1, 0.7],
                                 [0.2, 0.5, 0.3]]])
-    tau, chosen = budget_threshold(similarity, torch.tensor([2]), prune=False)
+    tau, chosen = budget_threshold(similarity, torch.tensor([2]))
     # The two most similar sources are 0 and 2; τ halfway between the last chosen (0.7) and first left out (0.5).
     assert torch.equal(chosen, torch.tensor([[[1.0, 0.0, 1.0]]]))
     assert torch.allclose(tau.flatten(), torch.tensor([0.6]))
-    # With pruning a source needs a second destination past τ: second-best 0.2, 0.1, 0.3 -> sources 2 then 0.
-    tau, chosen = budget_threshold(similarity, torch.tensor([1]), prune=True)
-    assert torch.equal(chosen, torch.tensor([[[0.0, 0.0, 1.0]]]))
-    assert torch.allclose(tau.flatten(), torch.tensor([0.25]))
     # Count 0 merges nothing (τ = 1); a count past the sources merges them all (τ halfway to -1).
-    tau, chosen = budget_threshold(similarity, torch.tensor([0]), prune=False)
+    tau, chosen = budget_threshold(similarity, torch.tensor([0]))
     assert tau.item() == 1.0 and chosen.sum() == 0
-    tau, chosen = budget_threshold(similarity, torch.tensor([9]), prune=False)
+    tau, chosen = budget_threshold(similarity, torch.tensor([9]))
     assert chosen.sum() == 3 and torch.allclose(tau.flatten(), torch.tensor([-0.25]))
+
+
+def test_budget_with_pruning_hand_computed():
+    """Eqs 3-8 under a budget, by hand. 3 destinations x 3 sources, the budget picks 2 sources (best similarities
+    0.9, 0.8, 0.4 -> sources 0 and 1, τ = 0.6):
+    - source 0: eq 3 gives 0.3 / 0.2 / 0 -> eq 4 0.6 / 0.4; mean of the non-zero weights 0.5 (eqs 5-6), eq 7 keeps
+      0.1 on destination 0 alone -> eq 8: all of it to destination 0;
+    - source 1: only destination 2 passes (0.2 -> 1.0); eq 7 would empty the column (a lone weight equals its mean),
+      and the budget keeps it whole: all of it to destination 2;
+    - source 2 is not chosen: no weight."""
+    similarity = torch.tensor([[[0.9, 0.1, 0.4],
+                                [0.8, 0.5, 0.2],
+                                [0.0, 0.8, 0.3]]])
+    expected = torch.tensor([[[1.0, 0.0, 0.0],
+                              [0.0, 0.0, 0.0],
+                              [0.0, 1.0, 0.0]]])
+    tau, chosen = budget_threshold(similarity, torch.tensor([2]))
+    assert torch.allclose(tau.flatten(), torch.tensor([0.6])) and torch.equal(chosen, torch.tensor([[[1., 1., 0.]]]))
+    # With "dot", S = x_dst @ x_src^T: unit source vectors make S the hand-written matrix (all below 1, so eq 3's
+    # cosine ceiling would not change it either).
+    for prune, weights in ((True, expected), (False, torch.tensor([[[0.6, 0.0, 0.0],
+                                                                     [0.4, 0.0, 0.0],
+                                                                     [0.0, 1.0, 0.0]]]))):
+        got = fusion_weights(similarity, torch.eye(3)[None], 0.0, prune=prune, merge_count=torch.tensor([2]),
+                             similarity="dot")
+        torch.testing.assert_close(got, weights, atol=1e-4, rtol=0)  # eps 1e-6 against a weight of 0.1
 
 
 def test_budget_merges_exactly_the_count_with_ties():
@@ -54,7 +76,7 @@ def test_budget_equals_the_hand_set_threshold_it_chose():
     split = token_split(17, 1, "alternating", 0.5, 0, "cpu")
     unit = torch.nn.functional.normalize(x, dim=-1)
     similarity = split.dst(unit) @ split.src(unit).mT
-    taus, _ = budget_threshold(similarity, counts, prune=False)
+    taus, _ = budget_threshold(similarity, counts)
     for b in range(3):
         alone, alone_plan = mame.merge(x[b:b + 1], float(taus[b]), num_special=1, prune=False)
         assert alone_plan.num_tokens_out == int(plan.lengths[b])
@@ -74,10 +96,9 @@ def test_budget_count_property(length, count, prune, seed, pad):
     for b, tokens in enumerate((length, real)):
         sources = tokens // 2  # the alternating split makes the first of the tokens - 1 mergeable ones a source
         destinations = (tokens - 1) // 2
-        expected = 0 if prune and destinations < 2 else min(count, sources)  # one destination: all pruned
-        merged = tokens - int(plan.lengths[b])
-        # Pruning can only drop a chosen source whose two best destinations tie exactly (not with random data).
-        assert merged == expected
+        assert destinations >= 1
+        # With pruning too: a chosen source whose weights eq 7 would all remove keeps them.
+        assert tokens - int(plan.lengths[b]) == min(count, sources)
     assert bool(torch.isfinite(y).all())
 
 
@@ -96,11 +117,13 @@ def test_flop_budget_is_met_as_counted(flops):
     assert base / count_flops(patched, x) == pytest.approx(flops, rel=0.03)
 
 
-def test_default_is_a_two_times_budget_on_keys_without_pruning_size_weighted():
+def test_default_is_a_two_times_budget_on_keys_pruned_size_weighted():
     model = mame.patch.timm(make_vit())
     settings_ = model.mame.settings
     assert settings_["flops"] == 2.0 and "tau" not in settings_
-    assert settings_["metric"] == "keys" and settings_["prune"] is False and settings_["size_weighted"] is True
+    assert settings_["metric"] == "keys" and settings_["prune"] is True and settings_["size_weighted"] is True
+    # A hand-set τ under the default preset keeps pruning off (a fitted τ would have to drop further with it).
+    assert mame.patch.timm(make_vit(), tau=0.9).mame.settings["prune"] is False
     assert settings_["layers"] == tuple(range(6))
     paper = mame.patch.timm(make_vit(), preset="paper", layers=3)
     assert paper.mame.settings["tau"] == (0.8,) * 3 and paper.mame.settings["metric"] == "x"

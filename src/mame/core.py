@@ -193,7 +193,7 @@ def fusion_weights(
     if merge_count is None:
         sparse = (similarity - tau).clamp_(0.0, ceiling - tau)
     else:
-        sample_tau, chosen = budget_threshold(similarity, merge_count, prune, pair_mask)
+        sample_tau, chosen = budget_threshold(similarity, merge_count, pair_mask)
         sample_tau = sample_tau.clamp(max=ceiling)  # a cosine rounded past 1 must not make 1 - tau negative
         sparse = torch.minimum((similarity - sample_tau).clamp_(min=0.0), ceiling - sample_tau)
         pair_mask = chosen if pair_mask is None else pair_mask * chosen
@@ -205,29 +205,34 @@ def fusion_weights(
     count = (weights / (weights + eps)).sum(dim=-2, keepdim=True)  # eq 6
     zeta = weights.sum(dim=-2, keepdim=True) / count.add_(eps)  # eq 5
     pruned = (weights - zeta).relu_()  # eq 7
+    if merge_count is not None:
+        # Beyond the paper: a budget has chosen which sources merge, and pruning only decides where each goes. Eq 7
+        # empties a column whose weights are all equal (a single destination above τ, most often); such a source
+        # keeps its weights instead of being dropped from the budget.
+        pruned = torch.where(pruned.sum(dim=-2, keepdim=True) > 0, pruned, weights)
     return pruned / pruned.sum(dim=-2, keepdim=True).add_(eps)  # eq 8
 
 
-def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor, prune: bool,
+def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor,
                      pair_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample thresholds that merge exactly ``merge_count`` (B,) sources of each sample (beyond the paper: its
     stated future work, a threshold set by a budget instead of by hand).
 
-    A source merges when eq 3 leaves it a weight: its best destination passes τ, or, with pruning, its second best
-    (eqs 5-8 zero a column with a single weight). Sources are ranked by that similarity (ties by position) and each
-    sample's τ is set midway between its last chosen and first left-out source (at most 1e-3 below the last chosen
-    one, so ties still merge), so eqs 3-8 weigh the chosen sources as a hand-set τ there would.
+    A source merges when eq 3 leaves it a weight, that is when its best destination passes τ. Sources are ranked by
+    that similarity (ties by position) and each sample's τ is set midway between its last chosen and first left-out
+    source (at most 1e-3 below the last chosen one, so ties still merge), so eqs 3-4 weigh the chosen sources as a
+    hand-set τ there would. With pruning, `fusion_weights` keeps every chosen source merging (eqs 5-8 then only
+    decide among its destinations).
 
     Returns:
         ``(tau, chosen)``: (B, 1, 1) thresholds, and a (B, 1, N) 0/1 mask of the chosen sources (the columns of the
         others are zeroed, so ties past the budget never merge).
     """
     allowed = similarity if pair_mask is None else similarity.masked_fill(pair_mask == 0, -math.inf)
-    if prune and allowed.shape[1] < 2:  # a single destination: eqs 5-8 prune every weight
-        key = torch.full_like(allowed[:, 0], -math.inf)
-    else:  # (B, N) what each source must pass to merge
-        rank_by = 2 if prune else 1
-        key = allowed.topk(rank_by, dim=1).values[:, rank_by - 1]
+    if allowed.shape[1] == 0:  # no destination: nothing can merge
+        key = allowed.new_full((allowed.shape[0], allowed.shape[2]), -math.inf)
+    else:
+        key = allowed.amax(dim=1)  # (B, N) what each source must pass to merge
     order = key.argsort(dim=1, descending=True, stable=True)
     ordered = key.gather(1, order)
     mergeable = torch.isfinite(ordered).sum(1)

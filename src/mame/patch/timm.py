@@ -192,8 +192,9 @@ def patch_timm(
     """Apply MaMe in place to a timm VisionTransformer (eqs 11-13 in each chosen block).
 
     ``mame.patch.timm(model)`` halves the FLOPs: every block merges the same share of each image's tokens, each image
-    at its own threshold, compared on the attention keys without pruning (the choices that kept accuracy best at a
-    given FLOP ratio, benchmarks/accuracy_study.md), fusing them weighted by how many patches each stands for.
+    at its own threshold, compared on the attention keys, with the paper's pruning deciding where each source goes
+    and fusion weighted by how many patches each token stands for (the choices that kept accuracy best at a given
+    FLOP ratio, benchmarks/accuracy_study.md).
     ``mame.patch.timm(model, preset="paper")`` is the paper's operator as written: τ = 0.8 on the first 8 blocks,
     the tokens as metric, pruning, eq 9's plain average. `mame.calibrate` fits one
     threshold per block for a target on your own images instead.
@@ -218,8 +219,11 @@ def patch_timm(
             throws the speed-up away on varied batches).
         partition: ``"alternating"`` (the paper's default), ``"sequential"`` or ``"random"`` (seeded by ``seed``):
             the partitions the paper's ablation compares (Figure 2c).
-        prune: the adaptive weight pruning of eqs 5-8. Default off (``preset="paper"``: on): with pruning a source
-            near a single destination is kept, so a threshold has to drop further for the same budget.
+        prune: the adaptive weight pruning of eqs 5-8: a source keeps only its weights above their mean. Default on
+            under a budget (``flops``), which has already chosen the sources that merge, so pruning only decides
+            where each goes, and a source whose weights are all equal (one destination past its threshold) keeps
+            them (beyond the paper). With a hand-set τ it is off by default (``preset="paper"``: on), because eq 7
+            as written drops such a source and a τ then has to drop further for the same count.
         size_weighted: a token standing for k patches weighs k when it is fused again (as ToMe's weighted average;
             with all sizes 1 it is eq 9). Default on (``preset="paper"``: off, eq 9's plain average): with the
             budget's merging spread over all blocks, tokens are fused many times over, and an unweighted average lets
