@@ -162,8 +162,8 @@ def patch_open_clip(model: nn.Module, tau: float | Sequence[float] | None = None
     budget = block_budget(blocks[0], layout, dim=width, width=width, metric=chosen["metric"],
                           patches=math.prod(tower.grid_size), num_special=1, depth=len(blocks), embedding=tower.conv1)
     install_mame(model, blocks, layout, 1, PatchedVisionTransformer, scoped=None if tower is model else tower,
-                 batch_rule=batch_rule, partition=partition, proportional_attention=proportional_attention, packed=packed, check=check, budget=budget,
-                 similarity=similarity, seed=seed, **chosen)
+                 batch_rule=batch_rule, partition=partition, proportional_attention=proportional_attention,
+                 packed=packed, check=check, budget=budget, similarity=similarity, seed=seed, **chosen)
     pools = [tower.attn_pool]  # a 'cascade' contrastive pool reads the first pool's outputs, not the tokens
     if getattr(tower, "attn_pool_type", "") == "parallel":
         pools.append(tower.attn_pool_contrastive)

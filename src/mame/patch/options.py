@@ -57,11 +57,12 @@ def resolve_preset(preset: str, tau: float | Sequence[float] | None, layers: int
     ``"default"``: the settings that kept accuracy best at a given FLOP ratio in benchmarks/accuracy_study.md: the
     attention keys as metric, size-weighted fusion, every block, a FLOP budget (``DEFAULT_FLOPS``) when no τ is
     given, and pruning (eqs 5-8) under that budget, where it only decides where each chosen source goes; with a
-    hand-set τ pruning stays off (it would keep every source that passes τ for a single destination, so a fitted τ
-    has to drop further for the same count: `perblock-keys-geo` against `-noprune` in the study). ``"paper"``: the
-    paper's literal operator: the tokens as metric, pruning, eq 9's plain average, τ = 0.8 on the first 8 blocks;
-    with a FLOP budget (``flops``), every block, as the budget spreads its merges over all of them. The defaults of `mame.patch.hf` and `mame.patch.open_clip` are this preset's.
-    Returns ``tau``, ``flops`` (one of them None), ``layers``, ``metric``, ``prune`` and ``size_weighted``.
+    hand-set τ pruning stays off (eq 7 leaves unmerged every source that passes τ for a single destination, so a
+    fitted τ has to drop further for the same count: `perblock-keys-geo` against `-noprune` in the study).
+    ``"paper"``: the paper's literal operator: the tokens as metric, pruning, eq 9's plain average, τ = 0.8 on the
+    first 8 blocks; with a FLOP budget (``flops``), every block, as the budget spreads its merges over all of them.
+    The defaults of `mame.patch.hf` and `mame.patch.open_clip` are this preset's. Returns ``tau``, ``flops`` (one of
+    them None), ``layers``, ``metric``, ``prune`` and ``size_weighted``.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")

@@ -194,10 +194,9 @@ def patch_timm(
     ``mame.patch.timm(model)`` halves the FLOPs: every block merges the same share of each image's tokens, each image
     at its own threshold, compared on the attention keys, with the paper's pruning deciding where each source goes
     and fusion weighted by how many patches each token stands for (the choices that kept accuracy best at a given
-    FLOP ratio, benchmarks/accuracy_study.md).
-    ``mame.patch.timm(model, preset="paper")`` is the paper's operator as written: τ = 0.8 on the first 8 blocks,
-    the tokens as metric, pruning, eq 9's plain average. `mame.calibrate` fits one
-    threshold per block for a target on your own images instead.
+    FLOP ratio, benchmarks/accuracy_study.md). ``mame.patch.timm(model, preset="paper")`` is the paper's operator as
+    written: τ = 0.8 on the first 8 blocks, the tokens as metric, pruning, eq 9's plain average. `mame.calibrate` fits
+    one threshold per block for a target on your own images instead.
 
     Args:
         model: a timm ``VisionTransformer`` (DeiT, AugReg, MAE, DINOv2 with LayerScale, with registers, any of the
@@ -254,7 +253,7 @@ def patch_timm(
     check_model(model)
     chosen = resolve_preset(preset, tau, layers, flops, metric, prune, len(model.blocks), size_weighted)
     return install_mame(model, list(model.blocks), TIMM_LAYOUT, model.num_prefix_tokens, PatchedViT,
-                        batch_rule=batch_rule, partition=partition, proportional_attention=proportional_attention, packed=packed, check=check,
-                        discard_preserved=discard_preserved, budget=timm_budget(model, chosen["metric"]),
-                        similarity=similarity, seed=seed, **chosen)
+                        batch_rule=batch_rule, partition=partition, proportional_attention=proportional_attention,
+                        packed=packed, check=check, discard_preserved=discard_preserved,
+                        budget=timm_budget(model, chosen["metric"]), similarity=similarity, seed=seed, **chosen)
 
