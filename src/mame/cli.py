@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 # Tables are wide; rich falls back to 80 columns when output is piped (CI logs, files), which wraps every cell.
 console = Console(width=None if Console().is_terminal else 160)
+# --data of `mame eval` and `mame sweep`: the real labelled sets of `mame.data.labelled_raw`, with their titles.
+_LABELLED_DATA = {"fashion-mnist": ("fashion_mnist", "Fashion-MNIST"), "mnist": ("mnist", "MNIST"),
+                  "digits": ("digits", "digits (scikit-learn)")}
 
 MODEL_HELP = "model name: 'dinov2_vits14_imgfocus' (the real default) or a timm architecture (random weights)"
 
@@ -295,11 +298,9 @@ def eval_command(
     bad = [option for option in options if option not in settings]
     if bad:
         raise typer.BadParameter(f"options must be among {', '.join(settings)}, got {', '.join(bad)}")
-    datasets = {"fashion-mnist": ("fashion_mnist", "Fashion-MNIST"), "mnist": ("mnist", "MNIST"),
-                "digits": ("digits", "digits (scikit-learn)")}
-    if data not in datasets:
-        raise typer.BadParameter(f"--data must be fashion-mnist, mnist or digits, got {data!r}")
-    dataset, data_title = datasets[data]
+    if data not in _LABELLED_DATA:
+        raise typer.BadParameter(f"--data must be one of {', '.join(_LABELLED_DATA)}, got {data!r}")
+    dataset, data_title = _LABELLED_DATA[data]
     _set_threads(threads)
     net = _load_model(model)
     # Features, not class logits: a timm architecture from _load_model still has its 1000-class head.
@@ -684,10 +685,10 @@ def sweep(
         _fail(str(error))
     _set_threads(threads)
     net = _load_model(model)
-    datasets = {"fashion-mnist": "fashion_mnist", "mnist": "mnist", "digits": "digits"}
-    if data in datasets:
+    if data in _LABELLED_DATA:
         net.reset_classifier(0)  # features, not class logits: a timm architecture keeps its 1000-class head
-        sweep_data = sweep_module.labelled_data(net, datasets[data], n_train, n_test, seed=seed, batch_size=batch)
+        sweep_data = sweep_module.labelled_data(net, _LABELLED_DATA[data][0], n_train, n_test, seed=seed,
+                                                batch_size=batch)
     elif Path(data).is_dir():
         sweep_data = sweep_module.folder_data(net, data, n_train, n_test, seed=seed, batch_size=batch)
     else:

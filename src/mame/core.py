@@ -202,15 +202,19 @@ def fusion_weights(
     weights = sparse / sparse.sum(dim=-2, keepdim=True).add_(eps)  # eq 4
     if not prune:
         return weights
+    weight_total = weights.sum(dim=-2, keepdim=True)
     count = (weights / (weights + eps)).sum(dim=-2, keepdim=True)  # eq 6
-    zeta = weights.sum(dim=-2, keepdim=True) / count.add_(eps)  # eq 5
+    zeta = weight_total / count.add_(eps)  # eq 5
     pruned = (weights - zeta).relu_()  # eq 7
+    pruned_total = pruned.sum(dim=-2, keepdim=True)
     if merge_count is not None:
         # Beyond the paper: a budget has chosen which sources merge, and pruning only decides where each goes. Eq 7
         # empties a column whose weights are all equal (a single destination above τ, most often); such a source
         # keeps its weights instead of being dropped from the budget.
-        pruned = torch.where(pruned.sum(dim=-2, keepdim=True) > 0, pruned, weights)
-    return pruned / pruned.sum(dim=-2, keepdim=True).add_(eps)  # eq 8
+        emptied = pruned_total == 0
+        pruned = torch.where(emptied, weights, pruned)
+        pruned_total = torch.where(emptied, weight_total, pruned_total)
+    return pruned / pruned_total.add_(eps)  # eq 8
 
 
 def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor,

