@@ -57,6 +57,41 @@ def test_budget_with_pruning_hand_computed():
         torch.testing.assert_close(got, weights, atol=1e-4, rtol=0)  # eps 1e-6 against a weight of 0.1
 
 
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), dst=st.integers(1, 6), src=st.integers(1, 9), count=st.integers(0, 11),
+       seed=st.integers(0, 1000), ties=st.booleans())
+def test_budget_threshold_one_count_equals_per_sample_counts(batch, dst, src, count, seed, ties):
+    """One int for every sample takes a shorter path than (B,) counts; both must choose the same sources at the same
+    thresholds, ties included (ranked by position)."""
+    similarity = torch.rand(batch, dst, src, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    if ties:
+        similarity = (similarity * 2).round() / 2  # a few distinct values: many equal best similarities
+    tau, chosen = budget_threshold(similarity, count)
+    expected_tau, expected_chosen = budget_threshold(similarity, torch.full((batch,), count))
+    torch.testing.assert_close(tau, expected_tau, atol=0, rtol=0)
+    assert torch.equal(chosen, expected_chosen)
+    assert chosen.sum(-1).flatten().tolist() == [float(min(count, src))] * batch
+
+
+def test_partial_fusion_reads_only_the_fused_columns():
+    """A plan whose sources are partly preserved fuses from the fused columns alone (`FusionPlan._fused_src`); the
+    result must be eq 9 (plain and size-weighted) computed densely from the plan's own weights."""
+    x = torch.randn(1, 17, 8, generator=torch.Generator().manual_seed(4))
+    sizes = torch.rand(1, 17, generator=torch.Generator().manual_seed(5)) * 3 + 1
+    for size_weighted in (False, True):
+        y, plan = mame.merge(x, num_special=1, merge_count=3, sizes=sizes, size_weighted=size_weighted)
+        assert plan._fused_src is not None and plan._fused_src.numel() == 3
+        w = plan.weights
+        x_dst, x_src = x[:, plan.dst_idx], x[:, plan.src_idx]
+        if size_weighted:
+            s_dst, s_src = sizes[:, plan.dst_idx, None], sizes[:, plan.src_idx, None]
+            fused = (s_dst * x_dst + w @ (s_src * x_src)) / (s_dst + w @ s_src)
+        else:
+            fused = (x_dst + w @ x_src) / (1 + w.sum(-1, keepdim=True))
+        kept = x_src[:, plan.preserved[0]]
+        torch.testing.assert_close(y, torch.cat([x[:, :1], fused, kept], 1))
+
+
 def test_budget_merges_exactly_the_count_with_ties():
     # Every token identical: every similarity is 1, a hand-set τ merges all or nothing; a budget merges the count.
     x = torch.ones(2, 9, 4)
@@ -181,3 +216,6 @@ def test_budget_errors():
         mame.patch.timm(make_vit(), preset="fast")
     with pytest.raises(ValueError, match="merge_count"):
         mame.merge(torch.randn(1, 5, 4), causal="strict", merge_count=torch.tensor([1]))
+    for bad in (-1, True, torch.tensor([1, 1])):  # negative, a bool, or one count per sample for a batch of one
+        with pytest.raises(ValueError, match="merge_count"):
+            mame.merge(torch.randn(1, 5, 4), merge_count=bad)

@@ -198,15 +198,16 @@ class MameMerge:
     def needs_keys(self) -> bool:
         return self.metric != "x"
 
-    def merge_count(self, x: torch.Tensor, state: TokenState) -> torch.Tensor | None:
-        """(B,) sources each sample merges under ``share`` (of its real tokens other than the special ones), or
-        None for the threshold ``tau``."""
+    def merge_count(self, x: torch.Tensor, state: TokenState) -> int | torch.Tensor | None:
+        """Sources each sample merges under ``share`` (of its real tokens other than the special ones): one int
+        when no sample is padded, else (B,) counts; None for the threshold ``tau``. Rounded in double precision, as
+        `mame.budget.geometric_counts` rounds when it turns a FLOP budget into this share."""
         if self.share is None:
             return None
         special = state.num_special
-        real = (torch.full((x.shape[0],), x.shape[1] - special, device=x.device) if state.mask is None
-                else state.mask[:, special:].sum(1))
-        return (real.float() * self.share).round().long()
+        if state.mask is None:
+            return int(round((x.shape[1] - special) * self.share))
+        return (state.mask[:, special:].sum(1).double() * self.share).round().long()
 
     def kept_tokens(self, x: torch.Tensor, state: TokenState, keys: torch.Tensor | None,
                     tau: float | None = None) -> torch.Tensor:

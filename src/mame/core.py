@@ -171,15 +171,15 @@ def fusion_weights(
     prune: bool = True,
     eps: float = 1e-6,
     pair_mask: torch.Tensor | None = None,
-    merge_count: torch.Tensor | None = None,
+    merge_count: int | torch.Tensor | None = None,
     similarity: SimilarityName = "cosine",
 ) -> torch.Tensor:
     """Eqs 2-8: the fusion matrix W^F (B, M, N) from destination (B, M, d) and source (B, N, d) features.
 
     ``pair_mask`` (broadcastable to (B, M, N), 1 = allowed) zeroes pairs before normalisation (used for padding and
-    for strictly causal merging). ``merge_count`` (B,) replaces ``tau`` by a budget: each sample gets its own
-    threshold so that exactly its ``merge_count`` most similar sources merge (`budget_threshold`). Computed in
-    float32 when the input is half precision. ``similarity``: eq 2's cosine or an ablated kind
+    for strictly causal merging). ``merge_count`` ((B,), or an int for every sample) replaces ``tau`` by a budget:
+    each sample gets its own threshold so that exactly its ``merge_count`` most similar sources merge
+    (`budget_threshold`). Computed in float32 when the input is half precision. ``similarity``: eq 2's cosine or an ablated kind
     (`similarity_matrix`).
     """
     if x_dst.dtype in (torch.float16, torch.bfloat16):
@@ -194,8 +194,8 @@ def fusion_weights(
         sparse = (similarity - tau).clamp_(0.0, ceiling - tau)
     else:
         sample_tau, chosen = budget_threshold(similarity, merge_count, pair_mask)
-        sample_tau = sample_tau.clamp(max=ceiling)  # a cosine rounded past 1 must not make 1 - tau negative
-        sparse = torch.minimum((similarity - sample_tau).clamp_(min=0.0), ceiling - sample_tau)
+        capped = similarity if kind == "dot" else similarity.clamp(max=ceiling)
+        sparse = (capped - sample_tau).clamp_(min=0.0)
         pair_mask = chosen if pair_mask is None else pair_mask * chosen
     if pair_mask is not None:
         sparse = sparse * pair_mask
@@ -217,10 +217,10 @@ def fusion_weights(
     return pruned / pruned_total.add_(eps)  # eq 8
 
 
-def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor,
+def budget_threshold(similarity: torch.Tensor, merge_count: int | torch.Tensor,
                      pair_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample thresholds that merge exactly ``merge_count`` (B,) sources of each sample (beyond the paper: its
-    stated future work, a threshold set by a budget instead of by hand).
+    """Per-sample thresholds that merge exactly ``merge_count`` sources of each sample ((B,) counts, or one int for
+    every sample) (beyond the paper: its stated future work, a threshold set by a budget instead of by hand).
 
     A source merges when eq 3 leaves it a weight, that is when its best destination passes τ. Sources are ranked by
     that similarity (ties by position) and each sample's τ is set midway between its last chosen and first left-out
@@ -232,13 +232,26 @@ def budget_threshold(similarity: torch.Tensor, merge_count: torch.Tensor,
         ``(tau, chosen)``: (B, 1, 1) thresholds, and a (B, 1, N) 0/1 mask of the chosen sources (the columns of the
         others are zeroed, so ties past the budget never merge).
     """
+    batch, num_dst, num_src = similarity.shape
     allowed = similarity if pair_mask is None else similarity.masked_fill(pair_mask == 0, -math.inf)
-    if allowed.shape[1] == 0:  # no destination: nothing can merge
-        key = allowed.new_full((allowed.shape[0], allowed.shape[2]), -math.inf)
+    if num_dst == 0:  # no destination: nothing can merge
+        key = allowed.new_full((batch, num_src), -math.inf)
     else:
         key = allowed.amax(dim=1)  # (B, N) what each source must pass to merge
-    order = key.argsort(dim=1, descending=True, stable=True)
-    ordered = key.gather(1, order)
+    ordered, order = key.sort(dim=1, descending=True, stable=True)
+    if isinstance(merge_count, int) and pair_mask is None and num_dst > 0:
+        # One count for samples whose sources can all merge: plain indexing, no per-sample gathers (a merge of one
+        # image runs a few dozen small operations, each costing more in overhead than in arithmetic).
+        count = min(merge_count, num_src)
+        if count == 0:
+            return key.new_ones(batch, 1, 1), key.new_zeros(batch, 1, num_src)
+        last_in = ordered[:, count - 1]
+        first_out = ordered[:, count] if count < num_src else torch.full_like(last_in, -1.0)
+        tau = torch.minimum((last_in + first_out) / 2, last_in - 1e-3)
+        chosen = torch.zeros_like(key).scatter_(1, order[:, :count], 1.0)
+        return tau.view(-1, 1, 1), chosen.unsqueeze(1)
+    if isinstance(merge_count, int):
+        merge_count = torch.full((batch,), merge_count)
     mergeable = torch.isfinite(ordered).sum(1)
     count = torch.minimum(merge_count.to(mergeable.device).long(), mergeable)
     last_in = ordered.gather(1, (count - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
@@ -287,6 +300,9 @@ class FusionPlan:
     _gather_rows: torch.Tensor | None = None
     # (N',) indices of the kept sources when every sample keeps the same ones (batch rule "any", no padding).
     _kept_src: torch.Tensor | None = None
+    # (N'',) indices of the sources fused in every sample (the uniform layout), when fewer than all: the other columns
+    # of ``weights`` are zero, so eq 9 reads only these (a budget fuses about one source in eight per block).
+    _fused_src: torch.Tensor | None = None
     # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
     _out_pos: torch.Tensor | None = None
     # Nothing merged in any sample: the output is the input, in its own order.
@@ -324,14 +340,20 @@ class FusionPlan:
     def _merge_parts(self, t: torch.Tensor, t_dst: torch.Tensor, t_src: torch.Tensor) -> torch.Tensor:
         """`merge` given the destination and source rows of ``t`` already selected."""
         s = self.num_special
-        w = self.weights.to(t.dtype)
+        w, t_fused = self.weights.to(t.dtype), t_src
+        if self._fused_src is not None:
+            w, t_fused = w.index_select(2, self._fused_src), t_src.index_select(1, self._fused_src)
         if self.size_weighted:
             size_dst = self.split.dst(self.sizes_in).to(t.dtype).unsqueeze(-1)
-            size_src = self.split.src(self.sizes_in).to(t.dtype).unsqueeze(-1)
+            size_src = self.split.src(self.sizes_in).to(t.dtype)
+            if self._fused_src is not None:
+                size_src = size_src.index_select(1, self._fused_src)
+            w = w * size_src.unsqueeze(1)  # each source's weight scaled by the tokens it stands for
             # Padded destinations have size 0 and absorb nothing: clamp so they give 0, not 0/0.
-            fused = (size_dst * t_dst + w @ (size_src * t_src)) / (size_dst + w @ size_src).clamp_min(1e-12)
+            fused = torch.baddbmm(size_dst * t_dst, w, t_fused) / (size_dst + w.sum(dim=-1, keepdim=True)).clamp_min(
+                1e-12)
         else:
-            fused = torch.baddbmm(t_dst, w, t_src) / w.sum(dim=-1, keepdim=True).add_(1)  # eq 9
+            fused = torch.baddbmm(t_dst, w, t_fused) / w.sum(dim=-1, keepdim=True).add_(1)  # eq 9
         if self._kept_src is not None:
             return torch.cat([t[:, :s], fused, t_src.index_select(1, self._kept_src)], dim=1)  # eq 10
         # The last candidate is a zero row: padding slots take it, so no masking pass is needed afterwards. Whole rows
@@ -502,7 +524,7 @@ def merge(
     metric: torch.Tensor | None = None,
     size_weighted: bool = False,
     discard_preserved: bool = False,
-    merge_count: torch.Tensor | None = None,
+    merge_count: int | torch.Tensor | None = None,
     similarity: SimilarityName = "cosine",
     check: bool = True,
 ) -> tuple[torch.Tensor, FusionPlan]:
@@ -534,8 +556,8 @@ def merge(
         size_weighted: weigh each token by its size when fusing (beyond the paper; equal to eq 9 when sizes are 1).
         discard_preserved: drop preserved sources instead of keeping them (the downsampling layer of hierarchical
             models, section 4: "we had to discard the preserved source tokens").
-        merge_count: (B,) a budget instead of ``tau``: each sample merges exactly this many of its sources (fewer
-            when it has fewer real ones), at its own threshold (`budget_threshold`). Not with ``causal``.
+        merge_count: (B,) a budget instead of ``tau`` (an int: the same for every sample): each sample merges
+            exactly this many of its sources (fewer when it has fewer real ones), at its own threshold (`budget_threshold`). Not with ``causal``.
         similarity: how S is computed: ``"cosine"`` (eq 2, the paper's choice), or the kinds its ablation compares,
             ``"euclidean"``, ``"dot"`` and ``"softmax"`` (defined in `similarity_matrix`).
         check: validate the arguments and scan ``x`` for NaN and Inf; patched blocks check their settings once at patch
@@ -547,8 +569,11 @@ def merge(
     if check:
         _check_inputs(x, tau, num_special, partition, batch_rule, causal, dst_ratio, similarity)
         _check_aligned(x, num_special, partition, sizes, mask, metric)
-        if merge_count is not None and (causal or merge_count.shape != (x.shape[0],)):
-            raise ValueError("merge_count must be a (B,) tensor of counts, and cannot be combined with causal")
+        if merge_count is not None and (
+                causal or (isinstance(merge_count, int) and (isinstance(merge_count, bool) or merge_count < 0))
+                or (not isinstance(merge_count, int) and getattr(merge_count, "shape", None) != (x.shape[0],))):
+            raise ValueError("merge_count must be a non-negative int or a (B,) tensor of counts, and cannot be "
+                             "combined with causal")
     batch, length, _ = x.shape
     device = x.device
     split = token_split(length, num_special, partition, float(dst_ratio), seed, str(device))
@@ -605,6 +630,9 @@ def merge(
     kept = kept_src[0].nonzero().squeeze(-1) if mask is None and batch_rule == "any" else None
     if kept is not None:
         nothing_merged_anywhere = kept.numel() == src_idx.numel()
+        fused_src = (~preserved[0]).nonzero().squeeze(-1)
+        if fused_src.numel() < src_idx.numel():
+            plan_kwargs["_fused_src"] = fused_src
     else:
         nothing_merged_anywhere = mask is None and bool(preserved.all())
     if nothing_merged_anywhere and not discard_preserved:
