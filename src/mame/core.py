@@ -181,24 +181,40 @@ def fusion_weights(
     ``pair_mask`` (broadcastable to (B, M, N), 1 = allowed) zeroes pairs before normalisation (used for padding and
     for strictly causal merging). ``merge_count`` ((B,), or an int for every sample) replaces ``tau`` by a budget:
     each sample gets its own threshold so that exactly its ``merge_count`` most similar sources merge
-    (`budget_threshold`). Computed in float32 when the input is half precision. ``similarity``: eq 2's cosine or an ablated kind
-    (`similarity_matrix`).
+    (`budget_threshold`). Computed in float32 when the input is half precision. ``similarity``: eq 2's cosine or an
+    ablated kind (`similarity_matrix`).
     """
     if x_dst.dtype in (torch.float16, torch.bfloat16):
         x_dst, x_src = x_dst.float(), x_src.float()
     kind, similarity = similarity, similarity_matrix(x_dst, x_src, similarity, pair_mask)  # eq 2
+    if merge_count is None:
+        return _weights_from_similarity(similarity, tau, kind, pair_mask, prune, eps, budget=False)
+    sample_tau, chosen, columns = _budget_cut(similarity, merge_count, pair_mask)
+    if columns is None:
+        pair_mask = chosen if pair_mask is None else pair_mask * chosen
+        return _weights_from_similarity(similarity, sample_tau, kind, pair_mask, prune, eps, budget=True)
+    # One count, no pair mask: eqs 3-8 act column by column, so they run on the chosen sources' columns alone (about
+    # one in eight per block) and the other columns stay zero.
+    index = columns.unsqueeze(1).expand(-1, similarity.shape[1], -1)
+    chosen_weights = _weights_from_similarity(similarity.gather(2, index), sample_tau, kind, None, prune, eps,
+                                              budget=True)
+    return similarity.new_zeros(similarity.shape).scatter_(2, index, chosen_weights)
+
+
+def _weights_from_similarity(similarity: torch.Tensor, tau: float | torch.Tensor, kind: str,
+                             pair_mask: torch.Tensor | None, prune: bool, eps: float, budget: bool) -> torch.Tensor:
+    """Eqs 3-8 on the similarity (B, M, N') of some sources' columns, each column on its own. ``budget``: ``tau``
+    holds per-sample thresholds (B, 1, 1) that a budget chose, and eq 7 never empties a column (see below)."""
     # Eq 3 with the similarity clamped to 1 first (rounding can push a cosine past 1, and tau = 1 would then still
     # merge): relu(min(s, 1) - tau) = clamp(s - tau, 0, 1 - tau); the unbounded dot product has no ceiling.
     # In-place steps below only touch fresh temporaries whose old values autograd does not need; they save a
     # buffer each, which counts at one image per call.
     ceiling = math.inf if kind == "dot" else 1.0
-    if merge_count is None:
+    if not budget:
         sparse = (similarity - tau).clamp_(0.0, ceiling - tau)
     else:
-        sample_tau, chosen = budget_threshold(similarity, merge_count, pair_mask)
         capped = similarity if kind == "dot" else similarity.clamp(max=ceiling)
-        sparse = (capped - sample_tau).clamp_(min=0.0)
-        pair_mask = chosen if pair_mask is None else pair_mask * chosen
+        sparse = (capped - tau).clamp_(min=0.0)
     if pair_mask is not None:
         sparse = sparse * pair_mask
     weights = sparse / sparse.sum(dim=-2, keepdim=True).add_(eps)  # eq 4
@@ -209,7 +225,7 @@ def fusion_weights(
     zeta = weight_total / count.add_(eps)  # eq 5
     pruned = (weights - zeta).relu_()  # eq 7
     pruned_total = pruned.sum(dim=-2, keepdim=True)
-    if merge_count is not None:
+    if budget:
         # Beyond the paper: a budget has chosen which sources merge, and pruning only decides where each goes. Eq 7
         # empties a column whose weights are all equal (a single destination above τ, most often); such a source
         # keeps its weights instead of being dropped from the budget.
@@ -234,6 +250,17 @@ def budget_threshold(similarity: torch.Tensor, merge_count: int | torch.Tensor,
         ``(tau, chosen)``: (B, 1, 1) thresholds, and a (B, 1, N) 0/1 mask of the chosen sources (the columns of the
         others are zeroed, so ties past the budget never merge).
     """
+    tau, chosen, columns = _budget_cut(similarity, merge_count, pair_mask)
+    if chosen is None:
+        chosen = similarity.new_zeros(similarity.shape[0], 1, similarity.shape[2]).scatter_(2, columns.unsqueeze(1),
+                                                                                              1.0)
+    return tau, chosen
+
+
+def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`budget_threshold` as ``(tau, chosen, None)``, or, for one count without a pair mask, ``(tau, None,
+    columns)``: the (B, count) indices of each sample's chosen sources instead of the mask."""
     batch, num_dst, num_src = similarity.shape
     allowed = similarity if pair_mask is None else similarity.masked_fill(pair_mask == 0, -math.inf)
     if num_dst == 0:  # no destination: nothing can merge
@@ -242,16 +269,14 @@ def budget_threshold(similarity: torch.Tensor, merge_count: int | torch.Tensor,
         key = allowed.amax(dim=1)  # (B, N) what each source must pass to merge
     ordered, order = key.sort(dim=1, descending=True, stable=True)
     if isinstance(merge_count, int) and pair_mask is None and num_dst > 0:
-        # One count for samples whose sources can all merge: plain indexing, no per-sample gathers (a merge of one
-        # image runs a few dozen small operations, each costing more in overhead than in arithmetic).
+        # One count, every source mergeable: the thresholds from the two similarities around each sample's cut, in
+        # Python (a merge of one image is a few dozen small operations, each costing more overhead than arithmetic).
         count = min(merge_count, num_src)
         if count == 0:
-            return key.new_ones(batch, 1, 1), key.new_zeros(batch, 1, num_src)
-        last_in = ordered[:, count - 1]
-        first_out = ordered[:, count] if count < num_src else torch.full_like(last_in, -1.0)
-        tau = torch.minimum((last_in + first_out) / 2, last_in - 1e-3)
-        chosen = torch.zeros_like(key).scatter_(1, order[:, :count], 1.0)
-        return tau.view(-1, 1, 1), chosen.unsqueeze(1)
+            return key.new_ones(batch, 1, 1), None, order[:, :0]
+        around = ordered[:, count - 1 : count + 1].tolist()
+        tau = [min((row[0] + (row[1] if count < num_src else -1.0)) / 2, row[0] - 1e-3) for row in around]
+        return torch.tensor(tau, dtype=key.dtype).to(key.device).view(-1, 1, 1), None, order[:, :count]
     if isinstance(merge_count, int):
         merge_count = torch.full((batch,), merge_count)
     mergeable = torch.isfinite(ordered).sum(1)
@@ -264,7 +289,7 @@ def budget_threshold(similarity: torch.Tensor, merge_count: int | torch.Tensor,
     # The first `count` places of the order, written back to the sources' own positions (no second sort).
     in_budget = torch.arange(order.shape[1], device=order.device) < count.unsqueeze(1)
     chosen = torch.zeros_like(key).scatter_(1, order, in_budget.to(key.dtype)).unsqueeze(1).to(similarity.dtype)
-    return tau.view(-1, 1, 1), chosen
+    return tau.view(-1, 1, 1), chosen, None
 
 
 @dataclass
