@@ -92,6 +92,20 @@ def test_partial_fusion_reads_only_the_fused_columns():
         torch.testing.assert_close(y, torch.cat([x[:, :1], fused, kept], 1))
 
 
+@pytest.mark.parametrize("batch_rule", ["any", "per_sample"])
+def test_budget_gradcheck_one_count(batch_rule):
+    """The one-count path (eqs 3-8 on the chosen columns, scattered back; output rows selected by position and the
+    fused ones written in place) must stay differentiable, size-weighted and pruned as the default runs."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 11, 4, dtype=torch.float64, generator=generator).requires_grad_(True)
+    sizes = torch.rand(2, 11, dtype=torch.float64, generator=generator) + 1
+    _, plan = mame.merge(x, num_special=1, merge_count=3, sizes=sizes, size_weighted=True, batch_rule=batch_rule)
+    assert int(plan.lengths.min()) < 11 and plan.preserved.any()  # something merged, something kept
+    assert torch.autograd.gradcheck(
+        lambda t: mame.merge(t, num_special=1, merge_count=3, sizes=sizes, size_weighted=True,
+                             batch_rule=batch_rule)[0], (x,), eps=1e-6, atol=1e-5)
+
+
 def test_budget_merges_exactly_the_count_with_ties():
     # Every token identical: every similarity is 1, a hand-set τ merges all or nothing; a budget merges the count.
     x = torch.ones(2, 9, 4)

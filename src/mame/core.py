@@ -593,7 +593,8 @@ def merge(
         discard_preserved: drop preserved sources instead of keeping them (the downsampling layer of hierarchical
             models, section 4: "we had to discard the preserved source tokens").
         merge_count: (B,) a budget instead of ``tau`` (an int: the same for every sample): each sample merges
-            exactly this many of its sources (fewer when it has fewer real ones), at its own threshold (`budget_threshold`). Not with ``causal``.
+            exactly this many of its sources (fewer when it has fewer real ones), at its own threshold
+            (`budget_threshold`). Not with ``causal``.
         similarity: how S is computed: ``"cosine"`` (eq 2, the paper's choice), or the kinds its ablation compares,
             ``"euclidean"``, ``"dot"`` and ``"softmax"`` (defined in `similarity_matrix`).
         check: validate the arguments and scan ``x`` for NaN and Inf; patched blocks check their settings once at patch
