@@ -273,8 +273,8 @@ def eval_command(
                                                              "1000 train / test split) or 'digits' "
                                                              "(scikit-learn's 1797 8x8 digits, 1438 / 359)"),
 ) -> None:
-    """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist) or MNIST (--data
-    mnist): weighted k-NN (k=20) and logistic-regression probe on the features of the unmodified model, MaMe (the
+    """Frozen-backbone accuracy on real Fashion-MNIST (Debian package dataset-fashion-mnist), MNIST (--data
+    mnist) or scikit-learn's digits (--data digits): weighted k-NN (k=20) and logistic-regression probe on the features of the unmodified model, MaMe (the
     default patch per FLOP budget, the paper's operator per τ and option) and ToMe (per r), with tokens after the
     last block, FLOP ratio and speed-up measured in the same process.
 

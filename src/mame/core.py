@@ -378,9 +378,8 @@ class FusionPlan:
             w, t_fused = w.index_select(2, self._fused_src), t.index_select(1, self._fused_rows)
         if self.size_weighted:
             size_dst = self.split.dst(self.sizes_in).to(t.dtype).unsqueeze(-1)
-            size_src = self.split.src(self.sizes_in).to(t.dtype)
-            if self._fused_src is not None:
-                size_src = size_src.index_select(1, self._fused_src)
+            size_src = (self.split.src(self.sizes_in) if self._fused_rows is None
+                        else self.sizes_in.index_select(1, self._fused_rows)).to(t.dtype)
             w = w * size_src.unsqueeze(1)  # each source's weight scaled by the tokens it stands for
             # Padded destinations have size 0 and absorb nothing: clamp so they give 0, not 0/0. Dividing the small
             # factors before the product saves a pass over the (B, M, d) result.
