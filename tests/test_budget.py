@@ -92,6 +92,35 @@ def test_partial_fusion_reads_only_the_fused_columns():
         torch.testing.assert_close(y, torch.cat([x[:, :1], fused, kept], 1))
 
 
+@settings(max_examples=60, deadline=None)
+@given(batch=st.sampled_from([1, 3]), length=st.integers(3, 20), count=st.integers(0, 12), prune=st.booleans(),
+       size_weighted=st.booleans(), discard=st.booleans(), ties=st.booleans(), seed=st.integers(0, 1000))
+def test_plan_from_the_chosen_columns_equals_the_general_plan(batch, length, count, prune, size_weighted, discard,
+                                                               ties, seed):
+    """One count for every sample builds the plan from the chosen columns alone, never the dense (B, M, N) weights,
+    with each sample's own kept sources and no padding (`mame.core._chosen_columns_plan`); (B,) tensor counts take
+    the general path (padded per-sample layout). Both must give the same tokens, sizes, preserved sources, weights,
+    source map and unmerge, ties and discarded sources included."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, 5, dtype=torch.float64, generator=generator)
+    if ties:
+        x = x.round()  # coarse tokens: equal similarities around the cut
+    sizes = torch.rand(batch, length, dtype=torch.float64, generator=generator) * 3 + 1
+    options = dict(num_special=1, prune=prune, sizes=sizes, size_weighted=size_weighted, discard_preserved=discard,
+                   batch_rule="per_sample")
+    y, plan = mame.merge(x, merge_count=count, **options)
+    expected, expected_plan = mame.merge(x, merge_count=torch.full((batch,), count), **options)
+    assert plan._weights is None or plan._identity  # the chosen-columns path was taken
+    assert plan.mask is None and (expected_plan.mask is None or bool(expected_plan.mask.all()))
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(plan.sizes, expected_plan.sizes)  # sizes are float32: summed in another order
+    assert torch.equal(plan.preserved, expected_plan.preserved) and torch.equal(plan.lengths, expected_plan.lengths)
+    torch.testing.assert_close(plan.weights, expected_plan.weights, atol=1e-12, rtol=0)
+    assert torch.equal(plan.source_map, expected_plan.source_map)
+    torch.testing.assert_close(plan.unmerge(y), expected_plan.unmerge(expected), atol=1e-12, rtol=0)
+    torch.testing.assert_close(plan.merge(sizes), expected_plan.merge(sizes), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("batch_rule", ["any", "per_sample"])
 def test_budget_gradcheck_one_count(batch_rule):
     """The one-count path (eqs 3-8 on the chosen columns, scattered back; output rows selected by position and the
