@@ -33,6 +33,10 @@ from mame.models import load
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tome-r", type=int, action="append", help="ToMe r values (repeat the option)")
+    parser.add_argument("--tome-even", type=int, action="append", default=[],
+                        help="ToMe with r merged in every other block (0, 2, ...) only (repeat the option)")
+    parser.add_argument("--mame-layers", type=lambda s: [int(i) for i in s.split(",")], default=None,
+                        help="blocks MaMe merges in, comma list (default: the patch's default)")
     parser.add_argument("--images", type=int, default=8, help="bundled photos, run one at a time (without --batch)")
     parser.add_argument("--batch", type=int, default=0, help="run the photos as one batch of this size instead")
     parser.add_argument("--threads", type=int, default=2)
@@ -58,15 +62,20 @@ def main() -> None:
 
     baseline_flops = count_flops(model, images[:1])
     shape = f"batch {count}" if args.batch else f"{count} photos one at a time"
-    table = Table(title=f"MaMe default vs ToMe at equal FLOPs, {shape}, {args.threads} threads")
+    where = "default" if args.mame_layers is None else f"in blocks {','.join(map(str, args.mame_layers))}"
+    table = Table(title=f"MaMe {where} vs ToMe at equal FLOPs, {shape}, {args.threads} threads")
     columns = ["ToMe", "ToMe FLOP ratio", "MaMe FLOP ratio", "ToMe time / MaMe time (min-max)"]
     for column in columns + (["merges free: ToMe / MaMe"] if args.merge_free else []):
         table.add_column(column)
     with torch.inference_mode():
-        for r in track(args.tome_r or [16], description="pairs", console=console):
+        depth = len(model.blocks)
+        schedules = [(f"r={r}", r) for r in args.tome_r or ([] if args.tome_even else [16])]
+        schedules += [(f"r={r} in even blocks", [r if i % 2 == 0 else 0 for i in range(depth)]) for r in args.tome_even]
+        mame_options = {} if args.mame_layers is None else {"layers": args.mame_layers}
+        for name, r in track(schedules, description="pairs", console=console):
             tome_model = tome.patch_timm(copy.deepcopy(model), r=r)
             tome_ratio = baseline_flops / count_flops(tome_model, images[:1])
-            mame_model = mame.patch.timm(copy.deepcopy(model), flops=tome_ratio)
+            mame_model = mame.patch.timm(copy.deepcopy(model), flops=tome_ratio, **mame_options)
             mame_ratio = baseline_flops / count_flops(mame_model, images[:1])
             timed = [(run(tome_model), run(mame_model))]
             if args.merge_free:
@@ -76,7 +85,7 @@ def main() -> None:
                 result = paired_speedup(tome_call, mame_call, pairs=args.pairs, min_time=args.min_time)
                 cells.append(f"{result.ratio:.3f} ({result.ratio_low:.3f}-{result.ratio_high:.3f}, "
                              f"{result.pairs} pairs)")
-            table.add_row(f"r={r}", f"{tome_ratio:.3f}x", f"{mame_ratio:.3f}x", *cells)
+            table.add_row(name, f"{tome_ratio:.3f}x", f"{mame_ratio:.3f}x", *cells)
     console.print(table)
     console.print("A ratio above 1: MaMe is faster than ToMe at the same FLOPs.")
 

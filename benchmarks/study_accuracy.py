@@ -108,6 +108,11 @@ OPTIONS = {option.name: option for option in [
             "goes (its weights below their mean are dropped; a source whose weights are all equal keeps them): the "
             "library's default, `mame.patch.timm(model, flops=target)`", prototype="budget", prune=True,
             size_weighted=True),
+    _option("budget-prune-size-even", "`budget-prune-size` merging in every other block (0, 2, ..., 10) at a larger "
+            "share: half the merges, so half their fixed cost (a merge of one image costs about 0.3-0.5 ms on a CPU, "
+            "whatever it merges)", prototype="budget", prune=True, size_weighted=True, layers=[0, 2, 4, 6, 8, 10]),
+    _option("budget-prune-size-third", "`budget-prune-size` merging in every third block (0, 3, 6, 9) at a larger "
+            "share: a third of the merges", prototype="budget", prune=True, size_weighted=True, layers=[0, 3, 6, 9]),
     _option("default-tau0.8", "the default before the budget: τ = 0.8 on the first 8 blocks, metric x (not fitted)",
             per_block=False, layers=8, fixed_tau=0.8),
     _option("shared-x-8", "one τ fitted for the target, first 8 blocks, metric x (the paper's operator)",
@@ -299,7 +304,10 @@ def fit_shares(model: nn.Module, images: torch.Tensor, option: Option, target: f
 def tome_schedule(setting: str, depth: int, tokens: int = 257, special: int = 1) -> int | list[int]:
     """``"r16"``: constant r = 16; ``"dec18"``: ToMe's decreasing schedule, r from 36 in the first block to 0;
     ``"geo0.1"``: r per block from MaMe's geometric token schedule (`token_schedule`) down to 10 % of the mergeable
-    tokens, so ToMe is also measured with the schedule the chosen MaMe default uses."""
+    tokens, so ToMe is also measured with the schedule the chosen MaMe default uses; ``"even32"``: r = 32 in every
+    other block (0, 2, ..., 10) and none in the others, half the merges, as ``budget-prune-size-even`` merges."""
+    if setting.startswith("even"):
+        return [int(setting[4:]) if i % 2 == 0 else 0 for i in range(depth)]
     if setting.startswith("dec"):
         r0 = int(setting[3:])
         return [round(2 * r0 * (1 - i / (depth - 1))) for i in range(depth)]
@@ -317,12 +325,13 @@ def mame_run_key(option: Option, taus: list[float], layers: list[int]) -> str:
 
 
 def row_run_key(row: dict) -> str:
-    """`cached_features`' key of a recorded row (every option merges in its first len(taus) blocks)."""
+    """`cached_features`' key of a recorded row (an option merges in the blocks it recorded, else in its first
+    len(taus) blocks)."""
     if row["option"] == "unmodified":
         return "unmodified"
     if row["option"] == "tome":
         return f"tome-{row['r']}"
-    return mame_run_key(OPTIONS[row["option"]], row["taus"], list(range(len(row["taus"]))))
+    return mame_run_key(OPTIONS[row["option"]], row["taus"], row.get("layers", list(range(len(row["taus"])))))
 
 
 def cache_dir() -> Path:
@@ -508,8 +517,11 @@ def run(args: argparse.Namespace) -> None:
             row |= {"kind": "mame", "patch": option.patch, "calibrate": option.calibrate}
             if option.prototype == "budget":
                 target = float(setting[1:])
-                mame.patch.timm(net, flops=target, **option.patch)
-                row |= {"target": target, "taus": [net.blocks[0]._mame_merger.share] * len(net.blocks)}
+                layers = option.calibrate["layers"]  # None: every block
+                mame.patch.timm(net, flops=target, **option.patch, **({} if layers is None else {"layers": layers}))
+                layers = list(net.mame.settings["layers"])
+                row |= {"target": target, "taus": [net.blocks[layers[0]]._mame_merger.share] * len(layers),
+                        "layers": layers}
             elif option.fixed_tau is not None:
                 layers = option.calibrate["layers"]
                 mame.patch.timm(net, tau=option.fixed_tau, layers=layers, **PAPER, **option.patch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -295,8 +296,8 @@ def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_
             return 1.0 if batch == 1 else key.new_ones(batch, 1, 1), None, order[:, :0]
         around = ordered[:, count - 1 : count + 1].tolist()
         tau = [min((row[0] + (row[1] if count < num_src else -1.0)) / 2, row[0] - 1e-3) for row in around]
-        if batch == 1:  # a float: eq 3 then clamps against it without building a tensor
-            return float(torch.tensor(tau[0], dtype=key.dtype)), None, order[:, :count]
+        if batch == 1:  # a float, rounded as the similarities are: eq 3 then clamps against it without a tensor
+            return _round_as(tau[0], key.dtype), None, order[:, :count]
         return torch.tensor(tau, dtype=key.dtype).to(key.device).view(-1, 1, 1), None, order[:, :count]
     if isinstance(merge_count, int):
         merge_count = torch.full((batch,), merge_count)
@@ -311,6 +312,11 @@ def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_
     in_budget = torch.arange(order.shape[1], device=order.device) < count.unsqueeze(1)
     chosen = torch.zeros_like(key).scatter_(1, order, in_budget.to(key.dtype)).unsqueeze(1).to(similarity.dtype)
     return tau.view(-1, 1, 1), chosen, None
+
+
+def _round_as(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (float32 or float64, the similarity's), as a Python float."""
+    return struct.unpack("f", struct.pack("f", value))[0] if dtype == torch.float32 else value
 
 
 @dataclass
