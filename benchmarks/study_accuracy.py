@@ -606,7 +606,8 @@ def table(args: argparse.Namespace) -> None:
     lines += ["Options:", ""] + [f"- `{o.name}`: {o.what}" for o in OPTIONS.values()] + [
         "- `tome`: ToMe, `r12`/`r16`/`r20` constant r in all 12 blocks, `decN` its decreasing schedule (r from 2N "
         "in block 1 to 0 in block 12), `geoF` r per block from the geometric token schedule down to the share F of "
-        "the mergeable tokens (the schedule of the MaMe default, given to ToMe for a like-for-like comparison)", ""]
+        "the mergeable tokens (the schedule of the MaMe default, given to ToMe for a like-for-like comparison), "
+        "`evenN` r = N in every other block (0, 2, ..., 10) and none in the others", ""]
     for dataset in sorted({r["dataset"] for r in rows}):
         for key in sorted({r["data_key"] for r in rows if r["dataset"] == dataset}, key=lambda k: -len(k)):
             subset = [r for r in rows if r["dataset"] == dataset and r["data_key"] == key]
@@ -628,7 +629,7 @@ def table(args: argparse.Namespace) -> None:
                 target = f" ({r['target']:g})" if "target" in r else ""
                 calib = f"{r['calib_flop_ratio']:.2f}" if "calib_flop_ratio" in r else ""
                 setting = r["setting"]
-                if r["option"] == "tome" and isinstance(r["r"], list):
+                if r["option"] == "tome" and isinstance(r["r"], list) and not setting.startswith("even"):
                     setting += f" (r {r['r'][0]}→{r['r'][-1]})"
                 cells = [r["option"], setting, f"{r['flop_ratio']:.2f}{target}", calib, f"{r['tokens']:.1f}",
                          _with_delta(r.get("fidelity"), ref["fidelity"], 1, 4),
