@@ -66,12 +66,14 @@ class BlockCost:
     metric_width: int
 
     def flops(self, tokens_in: float, tokens_out: float, num_special: int, merges: bool) -> float:
-        """One block: attention on ``tokens_in``, the merge (similarity of M destinations with N sources and the
-        fusion product) when ``merges``, the MLP on ``tokens_out`` (eq 12 merges between the two)."""
+        """One block: attention on ``tokens_in``, the merge when ``merges`` (similarity of the M destinations with
+        the N sources, and eq 9's product, which reads only the ``tokens_in - tokens_out`` fused sources: a budget's
+        plan is built from their columns, `mame.core._chosen_columns_plan`), the MLP on ``tokens_out`` (eq 12 merges
+        between the two)."""
         total = self.attention_per_token * tokens_in + 4 * tokens_in ** 2 * self.width
         if merges:
             half = (tokens_in - num_special) / 2
-            total += 2 * half * half * (self.metric_width + self.width)
+            total += 2 * half * (half * self.metric_width + (tokens_in - tokens_out) * self.width)
         return total + self.mlp_per_token * tokens_out
 
 
