@@ -747,12 +747,17 @@ def _uniform_plan(plan_kwargs: dict, kept: torch.Tensor, sizes_out_dst: torch.Te
     if kept.dim() == 1:
         out_rows = torch.cat([split.head_idx, split.src_idx.index_select(0, kept)])
     else:
-        positions = torch.cat([split.head_idx.expand(batch, -1), split.src_idx[kept]], dim=1)
-        out_rows = positions + torch.arange(0, batch * length, length, device=kept.device).unsqueeze(1)
+        out_rows = _sample_rows(torch.cat([split.head_idx.expand(batch, -1), split.src_idx[kept]], dim=1), length)
     sizes_out = _take_rows(sizes_in, out_rows)
     sizes_out[:, s : s + split.dst_idx.numel()] = sizes_out_dst
     lengths = torch.full((batch,), sizes_out.shape[1], device=sizes_in.device, dtype=torch.long)
     return FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept, _out_rows=out_rows)
+
+
+def _sample_rows(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Each sample's token ``positions`` (B, n) as rows of the (B * L, ...) flattened batch (`_take_rows`)."""
+    batch = positions.shape[0]
+    return positions + torch.arange(0, batch * length, length, device=positions.device).unsqueeze(1)
 
 
 def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -780,8 +785,7 @@ def _chosen_columns_plan(split: TokenSplit, num_special: int, weights: torch.Ten
     if batch == 1:  # one sample: its indices serve as shared ones, which index the tensors' rows directly
         fused_src, fused_rows = columns[0], split.src_idx.index_select(0, columns[0])
     else:
-        offsets = torch.arange(0, batch * length, length, device=columns.device).unsqueeze(1)
-        fused_src, fused_rows = columns, split.src_idx[columns] + offsets
+        fused_src, fused_rows = columns, _sample_rows(split.src_idx[columns], length)
     plan_kwargs = dict(num_special=num_special, split=split, sizes_in=sizes_in, size_weighted=size_weighted,
                        preserved=preserved, _fused_src=fused_src, _fused_rows=fused_rows, _fused_weights=weights)
     if columns.shape[1] == 0 and not discard_preserved:
