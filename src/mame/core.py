@@ -185,30 +185,32 @@ def fusion_weights(
     (`budget_threshold`). Computed in float32 when the input is half precision. ``similarity``: eq 2's cosine or an
     ablated kind (`similarity_matrix`).
     """
-    weights, columns = _fusion_weights(x_dst, x_src, tau, prune, eps, pair_mask, merge_count, similarity)
-    return weights if columns is None else _scatter_columns(weights, columns, x_src.shape[1])
+    weights, ranked = _fusion_weights(x_dst, x_src, tau, prune, eps, pair_mask, merge_count, similarity)
+    return weights if ranked is None else _scatter_columns(weights, ranked[:, : weights.shape[-1]], x_src.shape[1])
 
 
 def _fusion_weights(x_dst: torch.Tensor, x_src: torch.Tensor, tau: float, prune: bool, eps: float,
                     pair_mask: torch.Tensor | None, merge_count: int | torch.Tensor | None, similarity: str
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`fusion_weights` as ``(weights, None)``, or, for one count without a pair mask, ``(weights, columns)``: the
-    weights (B, M, k) of each sample's k chosen sources, whose indices are ``columns`` (B, k); the other columns of
-    W^F are zero."""
+    """`fusion_weights` as ``(weights, None)``, or, for one count k without a pair mask, ``(weights, ranked)``: the
+    weights (B, M, k) of each sample's k chosen sources, and ``ranked`` (B, N), each sample's sources by rank, whose
+    first k are the chosen ones (the columns of ``weights``, in that order); the other columns of W^F are zero."""
     if x_dst.dtype in (torch.float16, torch.bfloat16):
         x_dst, x_src = x_dst.float(), x_src.float()
     kind, similarity = similarity, similarity_matrix(x_dst, x_src, similarity, pair_mask)  # eq 2
     if merge_count is None:
         return _weights_from_similarity(similarity, tau, kind, pair_mask, prune, eps, budget=False), None
-    sample_tau, chosen, columns = _budget_cut(similarity, merge_count, pair_mask)
-    if columns is None:
+    sample_tau, chosen, ranked, count = _budget_cut(similarity, merge_count, pair_mask)
+    if chosen is not None:
         pair_mask = chosen if pair_mask is None else pair_mask * chosen
         return _weights_from_similarity(similarity, sample_tau, kind, pair_mask, prune, eps, budget=True), None
     # One count, no pair mask: eqs 3-8 act column by column, so they run on the chosen sources' columns alone (about
     # one in eight per block).
-    index = columns.unsqueeze(1).expand(-1, similarity.shape[1], -1)
-    return _weights_from_similarity(similarity.gather(2, index), sample_tau, kind, None, prune, eps,
-                                    budget=True), columns
+    if similarity.shape[0] == 1:
+        chosen_columns = similarity.index_select(2, ranked[0, :count])
+    else:
+        chosen_columns = similarity.gather(2, ranked[:, :count].unsqueeze(1).expand(-1, similarity.shape[1], -1))
+    return _weights_from_similarity(chosen_columns, sample_tau, kind, None, prune, eps, budget=True), ranked
 
 
 def _scatter_columns(weights: torch.Tensor, columns: torch.Tensor, num_src: int) -> torch.Tensor:
@@ -267,20 +269,20 @@ def budget_threshold(similarity: torch.Tensor, merge_count: int | torch.Tensor,
         ``(tau, chosen)``: (B, 1, 1) thresholds, and a (B, 1, N) 0/1 mask of the chosen sources (the columns of the
         others are zeroed, so ties past the budget never merge).
     """
-    tau, chosen, columns = _budget_cut(similarity, merge_count, pair_mask)
+    tau, chosen, ranked, count = _budget_cut(similarity, merge_count, pair_mask)
     if not isinstance(tau, torch.Tensor):
         tau = similarity.new_full((1, 1, 1), tau)
     if chosen is None:
-        chosen = similarity.new_zeros(similarity.shape[0], 1, similarity.shape[2]).scatter_(2, columns.unsqueeze(1),
-                                                                                              1.0)
+        chosen = similarity.new_zeros(similarity.shape[0], 1, similarity.shape[2]).scatter_(
+            2, ranked[:, :count].unsqueeze(1), 1.0)
     return tau, chosen
 
 
 def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_mask: torch.Tensor | None
-                ) -> tuple[float | torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`budget_threshold` as ``(tau, chosen, None)``, or, for one count without a pair mask, ``(tau, None,
-    columns)``: the (B, count) indices of each sample's chosen sources instead of the mask, and for one sample τ as
-    a float."""
+                ) -> tuple[float | torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+    """`budget_threshold` as ``(tau, chosen, None, 0)``, or, for one count without a pair mask, ``(tau, None,
+    ranked, count)``: instead of the mask, each sample's sources ranked (B, N), whose first ``count`` are the chosen
+    ones, and for one sample τ as a float."""
     batch, num_dst, num_src = similarity.shape
     allowed = similarity if pair_mask is None else similarity.masked_fill(pair_mask == 0, -math.inf)
     if num_dst == 0:  # no destination: nothing can merge
@@ -293,12 +295,12 @@ def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_
         # Python (a merge of one image is a few dozen small operations, each costing more overhead than arithmetic).
         count = min(merge_count, num_src)
         if count == 0:
-            return 1.0 if batch == 1 else key.new_ones(batch, 1, 1), None, order[:, :0]
+            return 1.0 if batch == 1 else key.new_ones(batch, 1, 1), None, order, 0
         around = ordered[:, count - 1 : count + 1].tolist()
-        tau = [min((row[0] + (row[1] if count < num_src else -1.0)) / 2, row[0] - 1e-3) for row in around]
-        if batch == 1:  # a float, rounded as the similarities are: eq 3 then clamps against it without a tensor
-            return _round_as(tau[0], key.dtype), None, order[:, :count]
-        return torch.tensor(tau, dtype=key.dtype).to(key.device).view(-1, 1, 1), None, order[:, :count]
+        tau = [_below(row[0], (row[0] + (row[1] if count < num_src else -1.0)) / 2, key.dtype) for row in around]
+        if batch == 1:  # a float: eq 3 then clamps against it without a tensor
+            return tau[0], None, order, count
+        return torch.tensor(tau, dtype=key.dtype).to(key.device).view(-1, 1, 1), None, order, count
     if isinstance(merge_count, int):
         merge_count = torch.full((batch,), merge_count)
     mergeable = torch.isfinite(ordered).sum(1)
@@ -306,12 +308,23 @@ def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_
     last_in = ordered.gather(1, (count - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
     first_out = ordered.gather(1, count.clamp_max(ordered.shape[1] - 1).unsqueeze(1)).squeeze(1)
     first_out = torch.where(count < mergeable, first_out, torch.full_like(first_out, -1.0))
-    tau = torch.minimum((last_in + first_out) / 2, last_in - 1e-3)
+    tau = torch.minimum((last_in + first_out) / 2, last_in - (last_in.abs() * _MARGIN).clamp_min(1e-3))
     tau = torch.where(count > 0, tau, torch.ones_like(tau))  # with no source chosen, `chosen` zeroes every column
     # The first `count` places of the order, written back to the sources' own positions (no second sort).
     in_budget = torch.arange(order.shape[1], device=order.device) < count.unsqueeze(1)
     chosen = torch.zeros_like(key).scatter_(1, order, in_budget.to(key.dtype)).unsqueeze(1).to(similarity.dtype)
-    return tau.view(-1, 1, 1), chosen, None
+    return tau.view(-1, 1, 1), chosen, None, 0
+
+
+def _below(last_in: float, midway: float, dtype: torch.dtype) -> float:
+    """The threshold for a cut between the last chosen similarity ``last_in`` and the next (``midway`` between the
+    two), rounded to ``dtype``: at most 1e-3 below ``last_in``, so ties still merge, and strictly below it even for a
+    large dot product (float32 has no number 1e-3 below 1e5), so every chosen source keeps a weight in eq 3."""
+    return _round_as(min(midway, last_in - max(1e-3, abs(last_in) * _MARGIN)), dtype)
+
+
+# The least relative gap between the last chosen similarity and τ: eight float32 steps.
+_MARGIN = 2.0**-20
 
 
 def _round_as(value: float, dtype: torch.dtype) -> float:
@@ -342,12 +355,13 @@ class FusionPlan:
 
     num_special: int
     split: TokenSplit
-    preserved: torch.Tensor
     sizes_in: torch.Tensor
     sizes: torch.Tensor
     mask: torch.Tensor | None
-    lengths: torch.Tensor
     size_weighted: bool
+    # (B, N) and (B,); None until first asked for when the plan was made from the fused columns alone.
+    _preserved: torch.Tensor | None = None
+    _lengths: torch.Tensor | None = None
     # The dense (B, M, N) W^F; None until first asked for when the plan was made from the fused columns alone.
     _weights: torch.Tensor | None = None
     # (B * L',) row of every output token in the candidates [specials, destinations, sources, one zero row] of all
@@ -364,6 +378,7 @@ class FusionPlan:
     _fused_src: torch.Tensor | None = None
     _fused_rows: torch.Tensor | None = None
     _fused_weights: torch.Tensor | None = None
+    _fused_sizes: torch.Tensor | None = None  # (B, N') their sizes (float32), when the plan read them
     # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
     _out_pos: torch.Tensor | None = None
     # Nothing merged in any sample: the output is the input, in its own order.
@@ -376,6 +391,22 @@ class FusionPlan:
             columns = self._fused_src.expand(self._fused_weights.shape[0], -1)
             self._weights = _scatter_columns(self._fused_weights, columns, self.split.src_idx.numel())
         return self._weights
+
+    @property
+    def preserved(self) -> torch.Tensor:
+        """(B, N) bool: the sources kept as tokens of their own."""
+        if self._preserved is None:
+            batch, num_src = self.sizes_in.shape[0], self.split.src_idx.numel()
+            fused = self._fused_src.expand(batch, -1)
+            self._preserved = torch.ones(batch, num_src, dtype=torch.bool, device=fused.device).scatter_(1, fused, False)
+        return self._preserved
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) number of real output tokens per sample."""
+        if self._lengths is None:
+            self._lengths = torch.full((self.sizes.shape[0],), self.sizes.shape[1], device=self.sizes.device)
+        return self._lengths
 
     @property
     def dst_idx(self) -> torch.Tensor:
@@ -415,8 +446,11 @@ class FusionPlan:
             w, t_fused = self._fused_weights.to(t.dtype), _take_rows(t, self._fused_rows)
         if self.size_weighted:
             size_dst = self.split.dst(self.sizes_in).to(t.dtype).unsqueeze(-1)
-            size_src = (self.split.src(self.sizes_in) if self._fused_rows is None
-                        else _take_rows(self.sizes_in, self._fused_rows)).to(t.dtype)
+            if self._fused_sizes is not None:
+                size_src = self._fused_sizes.to(t.dtype)
+            else:
+                size_src = (self.split.src(self.sizes_in) if self._fused_rows is None
+                            else _take_rows(self.sizes_in, self._fused_rows)).to(t.dtype)
             w = w * size_src.unsqueeze(1)  # each source's weight scaled by the tokens it stands for
             # Padded destinations have size 0 and absorb nothing: clamp so they give 0, not 0/0. Dividing the small
             # factors before the product saves a pass over the (B, M, d) result.
@@ -671,13 +705,12 @@ def merge(
         metric_dst, metric_src = x_dst, x_src
     else:
         metric_dst, metric_src = split.dst(metric), split.src(metric)
-    weights, columns = _fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask, merge_count, similarity)
-    if columns is not None and (batch == 1 or batch_rule == "per_sample"):
-        plan = _chosen_columns_plan(split, num_special, weights, columns, sizes_in, size_weighted, discard_preserved)
-        if plan is not None:
-            return (x if plan._identity else plan._merge_parts(x, x_dst, x_src)), plan
-    if columns is not None:
-        weights = _scatter_columns(weights, columns, src_idx.numel())
+    weights, ranked = _fusion_weights(metric_dst, metric_src, tau, prune, eps, pair_mask, merge_count, similarity)
+    if ranked is not None and (batch == 1 or batch_rule == "per_sample"):
+        plan = _chosen_columns_plan(split, num_special, weights, ranked, sizes_in, size_weighted, discard_preserved)
+        return (x if plan._identity else plan._merge_parts(x, x_dst, x_src)), plan
+    if ranked is not None:
+        weights = _scatter_columns(weights, ranked[:, : weights.shape[-1]], src_idx.numel())
     if causal in (True, "paper"):
         weights = weights * (src_idx.unsqueeze(0) <= dst_idx.unsqueeze(1))  # section 5
 
@@ -699,7 +732,7 @@ def merge(
     # weights; dividing them by 1 keeps inf and NaN out of the product and its gradient.
     size_src = split.src(sizes_in)
     sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), weights, size_src, fused_total.masked_fill(not_fused, 1.0))
-    plan_kwargs = dict(num_special=num_special, split=split, _weights=weights, preserved=preserved,
+    plan_kwargs = dict(num_special=num_special, split=split, _weights=weights, _preserved=preserved,
                        sizes_in=sizes_in, size_weighted=size_weighted)
     # The uniform layout's kept sources come with the one host synchronisation its output length needs; they also
     # tell whether anything merged at all.
@@ -734,9 +767,7 @@ def _identity_plan(plan_kwargs: dict, batch: int, length: int) -> FusionPlan:
     split, sizes_in = plan_kwargs["split"], plan_kwargs["sizes_in"]
     device = sizes_in.device
     out_pos = torch.cat([torch.arange(plan_kwargs["num_special"], device=device), split.dst_idx, split.src_idx])
-    lengths = torch.full((batch,), length, device=device, dtype=torch.long)
-    return FusionPlan(**plan_kwargs, sizes=sizes_in, mask=None, lengths=lengths, _out_pos=out_pos.expand(batch, -1),
-                      _identity=True)
+    return FusionPlan(**plan_kwargs, sizes=sizes_in, mask=None, _out_pos=out_pos.expand(batch, -1), _identity=True)
 
 
 def _uniform_plan(plan_kwargs: dict, kept: torch.Tensor, sizes_out_dst: torch.Tensor) -> FusionPlan:
@@ -750,8 +781,7 @@ def _uniform_plan(plan_kwargs: dict, kept: torch.Tensor, sizes_out_dst: torch.Te
         out_rows = _sample_rows(torch.cat([split.head_idx.expand(batch, -1), split.src_idx[kept]], dim=1), length)
     sizes_out = _take_rows(sizes_in, out_rows)
     sizes_out[:, s : s + split.dst_idx.numel()] = sizes_out_dst
-    lengths = torch.full((batch,), sizes_out.shape[1], device=sizes_in.device, dtype=torch.long)
-    return FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, lengths=lengths, _kept_src=kept, _out_rows=out_rows)
+    return FusionPlan(**plan_kwargs, sizes=sizes_out, mask=None, _kept_src=kept, _out_rows=out_rows)
 
 
 def _sample_rows(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -769,33 +799,32 @@ def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:]).index_select(0, rows.flatten()).view(*rows.shape, *t.shape[2:])
 
 
-def _chosen_columns_plan(split: TokenSplit, num_special: int, weights: torch.Tensor, columns: torch.Tensor,
-                         sizes_in: torch.Tensor, size_weighted: bool, discard_preserved: bool) -> FusionPlan | None:
-    """The plan when each sample's budget chose k sources, ``columns`` (B, k), with their weights (B, M, k), built
-    from those columns alone: every sample fuses exactly them and keeps its other sources, so all keep as many tokens
-    and need no padding (a merge of one image is a few dozen small operations; the dense (B, M, N) weights are made
-    only if asked for). None if some chosen column has no weight after all (only where rounding ate it), so that the
-    caller takes the general path, which keeps such a source."""
-    total = weights.sum(dim=-2)  # (B, k)
-    if not bool((total > 0).all()):
-        return None
+def _chosen_columns_plan(split: TokenSplit, num_special: int, weights: torch.Tensor, ranked: torch.Tensor,
+                         sizes_in: torch.Tensor, size_weighted: bool, discard_preserved: bool) -> FusionPlan:
+    """The plan when each sample's budget chose k sources, the first k of ``ranked`` (B, N), with their weights
+    (B, M, k), built from those columns alone: every sample fuses exactly them and keeps its other sources, so all
+    keep as many tokens and need no padding (a merge of one image is a few dozen small operations, each costing more
+    overhead than arithmetic; the dense (B, M, N) weights and the preserved mask are made only if asked for). Each
+    chosen column has a weight: the budget's τ lies strictly below its best similarity (`_below`)."""
     batch, length = sizes_in.shape
-    preserved = torch.ones(batch, split.src_idx.numel(), dtype=torch.bool, device=columns.device)
-    preserved.scatter_(1, columns, False)
+    count = weights.shape[-1]
     if batch == 1:  # one sample: its indices serve as shared ones, which index the tensors' rows directly
-        fused_src, fused_rows = columns[0], split.src_idx.index_select(0, columns[0])
+        fused_src = ranked[0, :count]
+        fused_rows = split.src_idx.index_select(0, fused_src)
     else:
-        fused_src, fused_rows = columns, _sample_rows(split.src_idx[columns], length)
+        fused_src = ranked[:, :count]
+        fused_rows = _sample_rows(split.src_idx[fused_src], length)
     plan_kwargs = dict(num_special=num_special, split=split, sizes_in=sizes_in, size_weighted=size_weighted,
-                       preserved=preserved, _fused_src=fused_src, _fused_rows=fused_rows, _fused_weights=weights)
-    if columns.shape[1] == 0 and not discard_preserved:
+                       _fused_src=fused_src, _fused_rows=fused_rows, _fused_weights=weights)
+    if count == 0 and not discard_preserved:
         return _identity_plan(plan_kwargs, batch, length)
-    sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), weights, _take_rows(sizes_in, fused_rows), total)
+    fused_sizes = _take_rows(sizes_in, fused_rows)
+    sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), weights, fused_sizes, weights.sum(dim=-2))
     if discard_preserved:
-        kept = columns.new_zeros(batch, 0)
-    else:  # each row of ``preserved`` holds N - k sources, so the row-major nonzero splits evenly
-        kept = preserved.nonzero()[:, 1].view(batch, -1)
-    return _uniform_plan(plan_kwargs, kept[0] if batch == 1 else kept, sizes_out_dst)
+        kept = ranked.new_zeros(batch, 0)
+    else:  # the sources left out by the budget, back in their own order
+        kept = ranked[:, count:].sort(dim=1).values
+    return _uniform_plan(dict(plan_kwargs, _fused_sizes=fused_sizes), kept[0] if batch == 1 else kept, sizes_out_dst)
 
 
 def _shares(weights: torch.Tensor) -> torch.Tensor:
@@ -831,4 +860,4 @@ def _ragged_plan(plan_kwargs: dict, mask: torch.Tensor | None, kept_src: torch.T
     candidate_sizes = torch.cat([sizes_in[:, :s], sizes_dst, split.src(sizes_in), sizes_in.new_zeros(batch, 1)], 1)
     sizes = candidate_sizes.gather(1, gather)
     rows = (gather + torch.arange(batch, device=keep.device).unsqueeze(1) * (num_candidates + 1)).view(-1)
-    return FusionPlan(**plan_kwargs, sizes=sizes, mask=out_mask, lengths=lengths, _gather_rows=rows, _out_pos=out_pos)
+    return FusionPlan(**plan_kwargs, sizes=sizes, mask=out_mask, _lengths=lengths, _gather_rows=rows, _out_pos=out_pos)
