@@ -378,7 +378,8 @@ class FusionPlan:
     _fused_src: torch.Tensor | None = None
     _fused_rows: torch.Tensor | None = None
     _fused_weights: torch.Tensor | None = None
-    _fused_sizes: torch.Tensor | None = None  # (B, N') their sizes (float32), when the plan read them
+    # (B, M, N') their weights times their sizes, w_ij n_j, when the plan computed them (size-weighted fusion).
+    _sized_weights: torch.Tensor | None = None
     # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
     _out_pos: torch.Tensor | None = None
     # Nothing merged in any sample: the output is the input, in its own order.
@@ -444,17 +445,18 @@ class FusionPlan:
             w, t_fused = self.weights.to(t.dtype), t_src
         else:  # rows picked from ``t`` by position: several times faster than from the strided view of the sources
             w, t_fused = self._fused_weights.to(t.dtype), _take_rows(t, self._fused_rows)
-        if self.size_weighted:
+        if self.size_weighted:  # each source's weight scaled by the tokens it stands for
             size_dst = self.split.dst(self.sizes_in).to(t.dtype).unsqueeze(-1)
-            if self._fused_sizes is not None:
-                size_src = self._fused_sizes.to(t.dtype)
+            if self._sized_weights is not None:
+                w = self._sized_weights.to(t.dtype)
             else:
-                size_src = (self.split.src(self.sizes_in) if self._fused_rows is None
-                            else _take_rows(self.sizes_in, self._fused_rows)).to(t.dtype)
-            w = w * size_src.unsqueeze(1)  # each source's weight scaled by the tokens it stands for
-            # Padded destinations have size 0 and absorb nothing: clamp so they give 0, not 0/0. Dividing the small
-            # factors before the product saves a pass over the (B, M, d) result.
-            total = (size_dst + w.sum(dim=-1, keepdim=True)).clamp_min(1e-12)
+                size_src = self.split.src(self.sizes_in) if self._fused_rows is None else _take_rows(
+                    self.sizes_in, self._fused_rows)
+                w = w * size_src.to(t.dtype).unsqueeze(1)
+            total = size_dst + w.sum(dim=-1, keepdim=True)
+            if self.mask is not None:  # padded destinations have size 0 and absorb nothing: 0, not 0/0
+                total = total.clamp_min(1e-12)
+            # Dividing the small factors before the product saves a pass over the (B, M, d) result.
             fused = torch.baddbmm(t_dst * (size_dst / total), w / total, t_fused)
         else:
             fused = torch.baddbmm(t_dst, w, t_fused) / w.sum(dim=-1, keepdim=True).add_(1)  # eq 9
@@ -818,13 +820,16 @@ def _chosen_columns_plan(split: TokenSplit, num_special: int, weights: torch.Ten
                        _fused_src=fused_src, _fused_rows=fused_rows, _fused_weights=weights)
     if count == 0 and not discard_preserved:
         return _identity_plan(plan_kwargs, batch, length)
-    fused_sizes = _take_rows(sizes_in, fused_rows)
-    sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), weights, fused_sizes, weights.sum(dim=-2))
+    sized = weights * _take_rows(sizes_in, fused_rows).unsqueeze(1)  # (B, M, k) w_ij n_j
+    # Each destination's own size plus its shares of the sources it absorbs (share = w_ij / column total).
+    sizes_out_dst = split.dst(sizes_in) + (sized / weights.sum(dim=-2, keepdim=True)).sum(dim=-1)
     if discard_preserved:
         kept = ranked.new_zeros(batch, 0)
     else:  # the sources left out by the budget, back in their own order
         kept = ranked[:, count:].sort(dim=1).values
-    return _uniform_plan(dict(plan_kwargs, _fused_sizes=fused_sizes), kept[0] if batch == 1 else kept, sizes_out_dst)
+    if size_weighted:
+        plan_kwargs.update(_sized_weights=sized)
+    return _uniform_plan(plan_kwargs, kept[0] if batch == 1 else kept, sizes_out_dst)
 
 
 def _shares(weights: torch.Tensor) -> torch.Tensor:
