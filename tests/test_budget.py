@@ -121,6 +121,23 @@ def test_plan_from_the_chosen_columns_equals_the_general_plan(batch, length, cou
     torch.testing.assert_close(plan.merge(sizes), expected_plan.merge(sizes), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_budget_merges_every_chosen_source_of_large_dot_products(batch):
+    """Dot products of long float32 tokens (about 1e6) have no float32 number 1e-3 below them: with ties at the cut,
+    the budget's τ must still lie strictly below the last chosen source's similarity, or that source gets no weight
+    in eq 3 and is lost (neither fused nor kept). Each sample then merges exactly its count, as the general path
+    does."""
+    x = torch.randn(batch, 33, 4, generator=torch.Generator().manual_seed(3)).round() * 1000  # ties at the cut
+    count = 9
+    options = dict(num_special=1, similarity="dot", size_weighted=True, batch_rule="per_sample")
+    y, plan = mame.merge(x, merge_count=count, **options)
+    expected, expected_plan = mame.merge(x, merge_count=torch.full((batch,), count), **options)
+    assert y.shape[1] == 33 - count and torch.equal((~plan.preserved).sum(1), torch.full((batch,), count))
+    torch.testing.assert_close(plan.sizes.sum(1), torch.full((batch,), 33.0))
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(plan.sizes, expected_plan.sizes)
+
+
 @pytest.mark.parametrize("batch_rule", ["any", "per_sample"])
 def test_budget_gradcheck_one_count(batch_rule):
     """The one-count path (eqs 3-8 on the chosen columns, scattered back; output rows selected by position and the
