@@ -406,26 +406,35 @@ def cached_features(model: nn.Module, images: Data, run_key: str, batch_size: in
     return result
 
 
-def pooled_scores(features: torch.Tensor, labels: torch.Tensor, folds: int = 5) -> tuple[float, float]:
-    """k-NN and probe accuracy over all scored images (train and test together, N of them), each image predicted
-    once: k-NN leave-one-out (each image against the other N - 1), the probe by ``folds``-fold cross-validation
-    (contiguous folds of the seeded subsets). Twice the test predictions of the plain split, so half its variance;
-    the plain split stays the reference protocol (`mame.evaluate`)."""
+def pooled_scores(features: torch.Tensor, labels: torch.Tensor, folds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether k-NN and the probe classify each scored image correctly ((N,) bool each; their means are the pooled
+    accuracies), over all scored images (train and test together), each image predicted once: k-NN leave-one-out
+    (each image against the other N - 1), the probe by ``folds``-fold cross-validation (contiguous folds of the
+    seeded subsets). Twice the test predictions of the plain split, so half its variance; the plain split stays the
+    reference protocol (`mame.evaluate`). Per image, so that two runs on the same images compare pairwise."""
     n = len(features)
     unit = F.normalize(features.float(), dim=1)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-math.inf)
     top, index = similarity.topk(20, dim=1)
     votes = torch.zeros(n, int(labels.max()) + 1).scatter_add_(1, labels[index], (top / evaluate.KNN_TEMPERATURE).exp())
-    knn = float((votes.argmax(1) == labels).float().mean())
-    correct = 0
+    predicted = torch.empty_like(labels)
     bounds = [round(i * n / folds) for i in range(folds + 1)]
     for start, stop in zip(bounds, bounds[1:]):
         held = torch.zeros(n, dtype=torch.bool)
         held[start:stop] = True
-        correct += evaluate.probe_accuracy(features[~held], labels[~held], features[held], labels[held]) * (
-            stop - start)
-    return knn, correct / n
+        predicted[held] = evaluate.probe_predictions(features[~held], labels[~held], features[held])
+    return votes.argmax(1) == labels, predicted == labels
+
+
+def _to_hex(correct: torch.Tensor) -> str:
+    """(N,) bools as a hexadecimal string of N bits, the first image in the highest bit (`_from_hex`)."""
+    return format(int("".join("1" if c else "0" for c in correct.tolist()), 2), f"0{(len(correct) + 3) // 4}x")
+
+
+def _from_hex(text: str, count: int) -> torch.Tensor:
+    """The ``count`` bools `_to_hex` wrote, as (count,) float64 0/1."""
+    return torch.tensor([bit == "1" for bit in format(int(text, 16), f"0{count}b")[-count:]], dtype=torch.float64)
 
 
 def _row_id(row: dict) -> str:
@@ -438,7 +447,7 @@ def rescore(args: argparse.Namespace) -> None:
     pooled = json.loads(args.pooled.read_text()) if args.pooled.exists() else {}
     labels_of: dict[str, torch.Tensor] = {}
     for row in recorded(args.out):
-        if _row_id(row) in pooled:
+        if "knn_correct" in pooled.get(_row_id(row), {}):
             continue
         path = cache_path(row["data_key"], row_run_key(row))
         if not path.exists():
@@ -449,8 +458,11 @@ def rescore(args: argparse.Namespace) -> None:
             images = Data.load(name, int(n_train), int(n_test), int(n_calib), int(seed))
             labels_of[row["data_key"]] = torch.cat([images.train_labels, images.test_labels])
         knn, probe = pooled_scores(torch.load(path)["features"], labels_of[row["data_key"]])
-        pooled[_row_id(row)] = {"knn_pooled": knn, "probe_pooled": probe}
-        console.print(f"{_row_id(row)}: pooled kNN {100 * knn:.1f} probe {100 * probe:.1f}")
+        pooled[_row_id(row)] = {"knn_pooled": float(knn.double().mean()),
+                                "probe_pooled": float(probe.double().mean()),
+                                "knn_correct": _to_hex(knn), "probe_correct": _to_hex(probe)}
+        console.print(f"{_row_id(row)}: pooled kNN {100 * knn.double().mean():.1f} probe "
+                      f"{100 * probe.double().mean():.1f}")
         args.pooled.write_text(json.dumps(pooled, indent=1) + "\n")
 
 
@@ -558,33 +570,52 @@ def run(args: argparse.Namespace) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """Piecewise-linear value of a front (sorted by x) at ``x``; below its first point that point's value (it is both
-    faster and at least as good), None past its last point."""
-    points = sorted(points)
-    if points and x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
-
-
-def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The upper-left Pareto front of (FLOP ratio, accuracy) points: no other point is both faster and better."""
+def envelope(points: list[tuple]) -> list[tuple]:
+    """The upper-left Pareto front of (FLOP ratio, accuracy, ...) points: no other point is both faster and better."""
     front = []
-    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if not front or y > front[-1][1]:
-            front.append((x, y))
+    for point in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or point[1] > front[-1][1]:
+            front.append(point)
     return sorted(front)
 
 
-def _with_delta(value: float | None, reference: float | None, scale: float, digits: int) -> str:
-    """``value`` and, when ToMe's interpolated value is known, the difference to it: ``"74.2 (-0.4)"``."""
+def front_mix(points: list[tuple[float, float]], x: float) -> list[tuple[int, float]] | None:
+    """The upper front of ``points`` (`envelope`) at FLOP ratio ``x``, as ``[(index into points, weight)]``: linear
+    between the two front points around ``x``; below the front's first point that point (it is both faster and at
+    least as good); None past its last point."""
+    front = envelope([(px, py, i) for i, (px, py) in enumerate(points)])
+    if front and x <= front[0][0]:
+        return [(front[0][2], 1.0)]
+    for (x0, _, i0), (x1, _, i1) in zip(front, front[1:]):
+        if x0 <= x <= x1:
+            share = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            return [(i0, 1.0 - share), (i1, share)]
+    return None
+
+
+def paired_error(row: dict, others: list[dict], mix: list[tuple[int, float]], metric: str) -> float | None:
+    """Standard error of ``row``'s pooled accuracy minus the front's (``mix`` of ``others``), paired image by image
+    (`pooled_scores`: both runs classify the same images, so most chance is shared and cancels); None where the
+    per-image results are not recorded (`rescore`)."""
+    key = f"{metric.removesuffix('_pooled')}_correct"
+    if key not in row or any(key not in others[i] for i, _ in mix):
+        return None
+    count = row["n_train"] + row["n_test"]
+    difference = _from_hex(row[key], count) - sum(weight * _from_hex(others[i][key], count) for i, weight in mix)
+    return float(difference.std() / math.sqrt(count))
+
+
+def _with_delta(value: float | None, reference: float | None, scale: float, digits: int,
+                error: float | None = None) -> str:
+    """``value`` and, when ToMe's interpolated value is known, the difference to it, with its paired standard error
+    when given: ``"74.2 (-0.4)"``, ``"74.2 (-0.4 ± 0.6)"``."""
     if value is None:
         return ""
     text = f"{scale * value:.{digits}f}"
-    return text if reference is None else f"{text} ({scale * (value - reference):+.{digits}f})"
+    if reference is None:
+        return text
+    spread = "" if error is None else f" ± {scale * error:.{digits}f}"
+    return f"{text} ({scale * (value - reference):+.{digits}f}{spread})"
 
 
 def table(args: argparse.Namespace) -> None:
@@ -602,7 +633,9 @@ def table(args: argparse.Namespace) -> None:
              "on the unmodified mean (a low-noise measure of how much merging changed the features). In brackets: "
              "the difference to ToMe at the same FLOP ratio (linear interpolation on the upper front of all of "
              "ToMe's measured points: constant r, decreasing and geometric schedules; below its fastest point that "
-             "point's value, none past its slowest), in points (cos: in cosine).", ""]
+             "point's value, none past its slowest), in points (cos: in cosine); in the pooled columns ± its standard "
+             "error, paired image by image (both runs classify the same images, so the chance they share cancels; "
+             "the front's own selection of its luckiest runs is not counted).", ""]
     lines += ["Options:", ""] + [f"- `{o.name}`: {o.what}" for o in OPTIONS.values()] + [
         "- `tome`: ToMe, `r12`/`r16`/`r20` constant r in all 12 blocks, `decN` its decreasing schedule (r from 2N "
         "in block 1 to 0 in block 12), `geoF` r per block from the geometric token schedule down to the share F of "
@@ -618,14 +651,19 @@ def table(args: argparse.Namespace) -> None:
             if base is not None:
                 lines += [f"Unmodified: kNN {100 * base['knn']:.1f} %, probe {100 * base['probe']:.1f} %.", ""]
             tome_rows = [r for r in subset if r["option"] == "tome"]
-            fronts = {metric: envelope([(r["flop_ratio"], r[metric]) for r in tome_rows if metric in r])
-                      for metric in ("fidelity", "knn", "probe", "knn_pooled", "probe_pooled")}
+            metrics = ("fidelity", "knn", "probe", "knn_pooled", "probe_pooled")
+            scored = {metric: [r for r in tome_rows if metric in r] for metric in metrics}
             lines += ["| option | setting | FLOP ratio (target) | calib. | tokens | cos | kNN | probe | kNN pooled | "
                       "probe pooled |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sorted(subset, key=lambda r: (r["option"] != "unmodified", r["option"] != "tome", r["option"],
                                                    r["flop_ratio"])):
-                ref = {metric: (interpolate(front, r["flop_ratio"]) if r["option"] not in ("tome", "unmodified")
-                                else None) for metric, front in fronts.items()}
+                ref, error = {}, {}
+                for metric in metrics:
+                    mix = (None if r["option"] in ("tome", "unmodified") else
+                           front_mix([(t["flop_ratio"], t[metric]) for t in scored[metric]], r["flop_ratio"]))
+                    ref[metric] = None if mix is None else sum(w * scored[metric][i][metric] for i, w in mix)
+                    error[metric] = (paired_error(r, scored[metric], mix, metric)
+                                     if mix is not None and metric.endswith("_pooled") else None)
                 target = f" ({r['target']:g})" if "target" in r else ""
                 calib = f"{r['calib_flop_ratio']:.2f}" if "calib_flop_ratio" in r else ""
                 setting = r["setting"]
@@ -634,8 +672,8 @@ def table(args: argparse.Namespace) -> None:
                 cells = [r["option"], setting, f"{r['flop_ratio']:.2f}{target}", calib, f"{r['tokens']:.1f}",
                          _with_delta(r.get("fidelity"), ref["fidelity"], 1, 4),
                          _with_delta(r["knn"], ref["knn"], 100, 1), _with_delta(r["probe"], ref["probe"], 100, 1),
-                         _with_delta(r.get("knn_pooled"), ref["knn_pooled"], 100, 1),
-                         _with_delta(r.get("probe_pooled"), ref["probe_pooled"], 100, 1)]
+                         _with_delta(r.get("knn_pooled"), ref["knn_pooled"], 100, 1, error["knn_pooled"]),
+                         _with_delta(r.get("probe_pooled"), ref["probe_pooled"], 100, 1, error["probe_pooled"])]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     fitted = [r for r in rows if "target" in r and "calib_flop_ratio" in r]

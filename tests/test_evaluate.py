@@ -70,6 +70,22 @@ def test_knn_matches_brute_force(k):
     assert evaluate.knn_accuracy(train, train_labels, test, test_labels, k=k) == pytest.approx(expected)
 
 
+def test_probe_predictions_are_the_probe_accuracy_per_image():
+    """`probe_predictions` gives each test image's label, what paired comparisons of two models need; their share
+    of correct ones is `probe_accuracy`, and a mismatched label count is refused by both."""
+    train, train_labels = clustered(200, seed=3)
+    test, test_labels = clustered(100, seed=4)
+    test_labels[:25] = (test_labels[:25] + 1) % CLASSES  # some wrong, so the share is not trivially 1
+    predicted = evaluate.probe_predictions(train, train_labels, test)
+    assert predicted.shape == test_labels.shape and predicted.dtype == train_labels.dtype
+    accuracy = evaluate.probe_accuracy(train, train_labels, test, test_labels)
+    assert float((predicted == test_labels).double().mean()) == accuracy and 0.6 <= accuracy <= 0.8
+    with pytest.raises(ValueError, match="same length"):
+        evaluate.probe_predictions(train, train_labels[:-1], test)
+    with pytest.raises(ValueError, match="same length"):
+        evaluate.probe_accuracy(train, train_labels, test, test_labels[:-1])
+
+
 def test_knn_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="same length"):
         evaluate.knn_accuracy(torch.randn(4, 2), torch.zeros(3, dtype=torch.long), torch.randn(2, 2),

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -203,17 +202,27 @@ def probe_accuracy(
     Raises:
         ImportError: scikit-learn is not installed (``pip install 'mame[real]'``).
     """
+    if len(test_feats) != len(test_labels):
+        raise ValueError("features and labels must have the same length")
+    predicted = probe_predictions(train_feats, train_labels, test_feats)
+    return float((predicted == test_labels).double().mean())
+
+
+def probe_predictions(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor
+                      ) -> torch.Tensor:
+    """(M,) the labels `probe_accuracy`'s linear probe, fitted on the train features, predicts for ``test_feats``
+    (per-image predictions, for paired comparisons of two models on the same images)."""
     try:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
     except ImportError:
         raise ImportError("the linear probe needs scikit-learn: pip install 'mame[real]' (or scikit-learn)") from None
-    if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
+    if len(train_feats) != len(train_labels):
         raise ValueError("features and labels must have the same length")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     probe.fit(train_feats.double().numpy(), train_labels.numpy())
-    return float(np.mean(probe.predict(test_feats.double().numpy()) == test_labels.numpy()))
+    return torch.from_numpy(probe.predict(test_feats.double().numpy())).to(train_labels.dtype)
 
 
 def _input_size(model: nn.Module) -> int:
