@@ -108,6 +108,9 @@ OPTIONS = {option.name: option for option in [
             "goes (its weights below their mean are dropped; a source whose weights are all equal keeps them): the "
             "library's default, `mame.patch.timm(model, flops=target)`", prototype="budget", prune=True,
             size_weighted=True),
+    _option("budget-prune-size-keys_mean", "`budget-prune-size` with the similarity on the keys averaged over heads "
+            "(ToMe's metric: 64 wide instead of 384, so a cheaper similarity)", prototype="budget", prune=True,
+            size_weighted=True, metric="keys_mean"),
     _option("budget-prune-size-even", "`budget-prune-size` merging in every other block (0, 2, ..., 10) at a larger "
             "share: half the merges, so half their fixed cost (a merge of one image costs about 0.3-0.5 ms on a CPU, "
             "whatever it merges)", prototype="budget", prune=True, size_weighted=True, layers=[0, 2, 4, 6, 8, 10]),
