@@ -316,15 +316,15 @@ def _budget_cut(similarity: torch.Tensor, merge_count: int | torch.Tensor, pair_
     return tau.view(-1, 1, 1), chosen, None, 0
 
 
+# The least relative gap between the last chosen similarity and τ: eight float32 steps.
+_MARGIN = 2.0**-20
+
+
 def _below(last_in: float, midway: float, dtype: torch.dtype) -> float:
     """The threshold for a cut between the last chosen similarity ``last_in`` and the next (``midway`` between the
     two), rounded to ``dtype``: at most 1e-3 below ``last_in``, so ties still merge, and strictly below it even for a
     large dot product (float32 has no number 1e-3 below 1e5), so every chosen source keeps a weight in eq 3."""
     return _round_as(min(midway, last_in - max(1e-3, abs(last_in) * _MARGIN)), dtype)
-
-
-# The least relative gap between the last chosen similarity and τ: eight float32 steps.
-_MARGIN = 2.0**-20
 
 
 def _round_as(value: float, dtype: torch.dtype) -> float:
@@ -378,7 +378,7 @@ class FusionPlan:
     _fused_src: torch.Tensor | None = None
     _fused_rows: torch.Tensor | None = None
     _fused_weights: torch.Tensor | None = None
-    # (B, M, N') their weights times their sizes, w_ij n_j, when the plan computed them (size-weighted fusion).
+    # (B, M, N) or (B, M, N') of the fused sources: W^F times the sources' sizes, w_ij n_j (size-weighted fusion).
     _sized_weights: torch.Tensor | None = None
     # (B, S + M + N) output position of every candidate that is kept (-1 otherwise).
     _out_pos: torch.Tensor | None = None
@@ -399,7 +399,8 @@ class FusionPlan:
         if self._preserved is None:
             batch, num_src = self.sizes_in.shape[0], self.split.src_idx.numel()
             fused = self._fused_src.expand(batch, -1)
-            self._preserved = torch.ones(batch, num_src, dtype=torch.bool, device=fused.device).scatter_(1, fused, False)
+            preserved = torch.ones(batch, num_src, dtype=torch.bool, device=fused.device)
+            self._preserved = preserved.scatter_(1, fused, False)
         return self._preserved
 
     @property
@@ -441,24 +442,18 @@ class FusionPlan:
     def _merge_parts(self, t: torch.Tensor, t_dst: torch.Tensor, t_src: torch.Tensor) -> torch.Tensor:
         """`merge` given the destination and source rows of ``t`` already selected."""
         s = self.num_special
-        if self._fused_src is None:
-            w, t_fused = self.weights.to(t.dtype), t_src
-        else:  # rows picked from ``t`` by position: several times faster than from the strided view of the sources
-            w, t_fused = self._fused_weights.to(t.dtype), _take_rows(t, self._fused_rows)
-        if self.size_weighted:  # each source's weight scaled by the tokens it stands for
+        # Fused rows picked from ``t`` by position: several times faster than from the strided view of the sources.
+        t_fused = t_src if self._fused_src is None else _take_rows(t, self._fused_rows)
+        if self.size_weighted:  # each source's weight scaled by the tokens it stands for (made with the plan)
             size_dst = self.split.dst(self.sizes_in).to(t.dtype).unsqueeze(-1)
-            if self._sized_weights is not None:
-                w = self._sized_weights.to(t.dtype)
-            else:
-                size_src = self.split.src(self.sizes_in) if self._fused_rows is None else _take_rows(
-                    self.sizes_in, self._fused_rows)
-                w = w * size_src.to(t.dtype).unsqueeze(1)
+            w = self._sized_weights.to(t.dtype)
             total = size_dst + w.sum(dim=-1, keepdim=True)
             if self.mask is not None:  # padded destinations have size 0 and absorb nothing: 0, not 0/0
                 total = total.clamp_min(1e-12)
             # Dividing the small factors before the product saves a pass over the (B, M, d) result.
             fused = torch.baddbmm(t_dst * (size_dst / total), w / total, t_fused)
         else:
+            w = (self.weights if self._fused_src is None else self._fused_weights).to(t.dtype)
             fused = torch.baddbmm(t_dst, w, t_fused) / w.sum(dim=-1, keepdim=True).add_(1)  # eq 9
         if self._out_rows is not None:  # eq 10; one row selection and a copy cost less than a concatenation
             out = _take_rows(t, self._out_rows)
@@ -729,13 +724,11 @@ def merge(
         weights = weights * (~preserved[:1]).unsqueeze(1)  # fused_total keeps those columns: they have no weight
     kept_src = torch.zeros_like(preserved) if discard_preserved else preserved
 
-    # Destinations take the sizes of the sources they absorb in proportion to their shares, shares = W / column
-    # total: computed as W @ (size / total), which needs no (B, M, N) division. Columns with total 0 have zero
-    # weights; dividing them by 1 keeps inf and NaN out of the product and its gradient.
-    size_src = split.src(sizes_in)
-    sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), weights, size_src, fused_total.masked_fill(not_fused, 1.0))
+    # Columns with total 0 have zero weights; dividing them by 1 keeps inf and NaN out of the sizes and their gradient.
+    sized = weights * split.src(sizes_in).to(weights.dtype).unsqueeze(1)
+    sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), sized, fused_total.masked_fill(not_fused, 1.0))
     plan_kwargs = dict(num_special=num_special, split=split, _weights=weights, _preserved=preserved,
-                       sizes_in=sizes_in, size_weighted=size_weighted)
+                       sizes_in=sizes_in, size_weighted=size_weighted, _sized_weights=sized if size_weighted else None)
     # The uniform layout's kept sources come with the one host synchronisation its output length needs; they also
     # tell whether anything merged at all.
     kept = kept_src[0].nonzero().squeeze(-1) if mask is None and batch_rule == "any" else None
@@ -745,6 +738,8 @@ def merge(
         if fused_src.numel() < src_idx.numel():
             plan_kwargs.update(_fused_src=fused_src, _fused_rows=src_idx.index_select(0, fused_src),
                                _fused_weights=weights.index_select(2, fused_src))
+            if size_weighted:
+                plan_kwargs.update(_sized_weights=sized.index_select(2, fused_src))
     else:
         nothing_merged_anywhere = mask is None and bool(preserved.all())
     if nothing_merged_anywhere and not discard_preserved:
@@ -757,11 +752,11 @@ def merge(
     return (x if plan._identity else plan._merge_parts(x, x_dst, x_src)), plan
 
 
-def _absorbed_sizes(size_dst: torch.Tensor, weights: torch.Tensor, size_src: torch.Tensor,
-                    total: torch.Tensor) -> torch.Tensor:
-    """(B, M) each destination's own size plus its shares of the sources it absorbs: W @ (size / column total)."""
-    per_weight = size_src / total.to(size_src.dtype)
-    return torch.baddbmm(size_dst.unsqueeze(-1), weights.to(size_src.dtype), per_weight.unsqueeze(-1)).squeeze(-1)
+def _absorbed_sizes(size_dst: torch.Tensor, sized: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """(B, M) each destination's own size plus its shares of the sources it absorbs, from ``sized`` (B, M, N'),
+    w_ij n_j, and the sources' column totals ``total`` (B, N'): n_i + sum_j n_j w_ij / total_j, in ``size_dst``'s
+    dtype."""
+    return (size_dst + (sized / total.unsqueeze(1)).sum(dim=-1)).to(size_dst.dtype)
 
 
 def _identity_plan(plan_kwargs: dict, batch: int, length: int) -> FusionPlan:
@@ -820,9 +815,8 @@ def _chosen_columns_plan(split: TokenSplit, num_special: int, weights: torch.Ten
                        _fused_src=fused_src, _fused_rows=fused_rows, _fused_weights=weights)
     if count == 0 and not discard_preserved:
         return _identity_plan(plan_kwargs, batch, length)
-    sized = weights * _take_rows(sizes_in, fused_rows).unsqueeze(1)  # (B, M, k) w_ij n_j
-    # Each destination's own size plus its shares of the sources it absorbs (share = w_ij / column total).
-    sizes_out_dst = split.dst(sizes_in) + (sized / weights.sum(dim=-2, keepdim=True)).sum(dim=-1)
+    sized = weights * _take_rows(sizes_in, fused_rows).to(weights.dtype).unsqueeze(1)  # (B, M, k) w_ij n_j
+    sizes_out_dst = _absorbed_sizes(split.dst(sizes_in), sized, weights.sum(dim=-2))
     if discard_preserved:
         kept = ranked.new_zeros(batch, 0)
     else:  # the sources left out by the budget, back in their own order
